@@ -1,0 +1,277 @@
+"""The run configuration: YAML and ``--set`` overrides turned into dataclasses, once.
+
+Every section is a dataclass with defaults; the ``synthesizer`` section's fields are
+the chosen method's own config dataclass (from ``synthesizers``). Unknown keys, wrong
+types and impossible values raise :class:`InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import InputError
+from synthesizers import SynthesizerConfig, get_synthesizer, synthesizer_names
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    output: str = "outputs"  # fsspec URL: a folder, file://…, s3://bucket/prefix
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError("name must be non-empty and contain no '/'")
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "resnet20"
+    checkpoint: str = ""
+    num_classes: int = 10
+    image_size: int = 32
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required (a path or URL)")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values each, std positive")
+
+
+@dataclass
+class PlanConfig:
+    num_images: int = 1024
+    classes: list[int] | None = None  # None: every class of the teacher
+    batch_size: int = 256
+    shard_size: int = 1024
+    split: str = "train"
+    store_logits: bool = True  # write the teacher's logits (float16) with every sample
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.classes is not None and not self.classes:
+            raise ValueError("classes must be a non-empty list, or null for every class")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes has duplicates: {self.classes}")
+        if not self.split.isidentifier():
+            raise ValueError(f"split must be a simple name, got {self.split!r}")
+
+
+@dataclass
+class FilterConfig:
+    min_confidence: float = 0.5  # keep teacher confidence >= this and argmax == target
+    max_attempts: int = 3  # synthesis rounds per batch, the first included
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+
+@dataclass
+class RuntimeConfig:
+    executor: str = "ray"  # ray | inline (in this process, no Ray: debugging, one GPU)
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray on this machine
+    num_workers: int | None = None  # None: one per GPU, else one per cpus_per_worker CPUs
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_retries: int = 2  # extra tries for a failed shard
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("ray", "inline"):
+            raise ValueError(f"executor must be ray or inline, got {self.executor!r}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be positive, got {self.num_workers}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker and gpus_per_worker must be positive")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be non-negative, got {self.max_retries}")
+
+
+@dataclass
+class SynthesizerSection:
+    name: str
+    params: SynthesizerConfig
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    teacher: TeacherConfig
+    synthesizer: SynthesizerSection
+    plan: PlanConfig
+    filter: FilterConfig
+    runtime: RuntimeConfig
+
+    @property
+    def classes(self) -> list[int]:
+        return list(self.plan.classes or range(self.teacher.num_classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (the synthesizer section flattened)."""
+        data = dataclasses.asdict(self)
+        data["synthesizer"] = {"name": self.synthesizer.name, **data["synthesizer"]["params"]}
+        return data
+
+
+SECTIONS = {
+    "run": RunConfig,
+    "teacher": TeacherConfig,
+    "plan": PlanConfig,
+    "filter": FilterConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key.path=value`` overrides, validate everything."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise InputError(f"config {path}: cannot be read ({error.strerror})") from error
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"config {path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise InputError(f"config {path}: the top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(data, override)
+    return parse_config(data)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in ``data``; the value is parsed as YAML (``1``, ``[1, 2]``)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise InputError(f"--set {override!r}: expected key.path=value")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"--set {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a plain mapping into a :class:`Config`."""
+    unknown = sorted(set(data) - {*SECTIONS, "synthesizer"})
+    if unknown:
+        raise InputError(
+            f"unknown config section {unknown[0]!r}; valid sections: "
+            f"{', '.join([*SECTIONS, 'synthesizer'])}"
+        )
+    sections = {
+        name: build(cls, _mapping(data.get(name), name), name) for name, cls in SECTIONS.items()
+    }
+    config = Config(
+        synthesizer=_synthesizer(_mapping(data.get("synthesizer"), "synthesizer")), **sections
+    )
+    bad = [c for c in config.classes if not 0 <= c < config.teacher.num_classes]
+    if bad:
+        raise InputError(
+            f"plan.classes: {bad} outside the teacher's "
+            f"{config.teacher.num_classes} classes (0 … "
+            f"{config.teacher.num_classes - 1})"
+        )
+    return config
+
+
+def _synthesizer(data: dict[str, Any]) -> SynthesizerSection:
+    data = dict(data)
+    name = data.pop("name", None)
+    if not isinstance(name, str):
+        raise InputError(
+            f"synthesizer.name is required; valid names: {', '.join(synthesizer_names())}"
+        )
+    try:
+        method = get_synthesizer(name)
+    except KeyError as error:
+        raise InputError(f"synthesizer.name: {error.args[0]}") from error
+    return SynthesizerSection(name, build(method.config_class, data, "synthesizer"))
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: expected a mapping of fields, got {type(value).__name__}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Construct dataclass ``cls`` from ``data``, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise InputError(f"unknown key {where}.{key}; valid keys: {', '.join(names)}")
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{where}: {error}") from error
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` (converting lists to tuples, ints to floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return coerce(value, options[0], where)
+    if hint is Any:
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise InputError(f"{where}: expected {len(args)} values, got {len(value)}")
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise InputError(f"{where}: unsupported field type {hint}")

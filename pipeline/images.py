@@ -1,0 +1,142 @@
+"""Class-folder image sets (``ROOT/<class>/<file>``) from a folder or an archive.
+
+The root is any fsspec URL. A path that runs through a ``.tar``, ``.tar.gz`` or ``.tgz``
+names a folder inside that archive: ``data/cifar10-jpeg.tar.gz/cifar10-jpeg/test``.
+A class's index is the position of its folder name in sorted order.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import InputError
+from pipeline.storage import filesystem
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+ARCHIVE = re.compile(r"^(.*?\.(?:tar\.gz|tgz|tar))(?:/(.*))?$")
+MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs
+
+
+@dataclass
+class ImageFolder:
+    """The files of a class-folder image set, sorted by class then by name."""
+
+    url: str
+    classes: list[str]
+    files: list[tuple[str, int]]  # (path in the source, class index)
+    blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # archive contents
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def subset(self, per_class: int | None = None) -> ImageFolder:
+        """The first ``per_class`` files of each class, by name (deterministic)."""
+        if per_class is None:
+            return self
+        counts: dict[int, int] = {}
+        chosen = []
+        for path, label in self.files:
+            if counts.get(label, 0) < per_class:
+                counts[label] = counts.get(label, 0) + 1
+                chosen.append((path, label))
+        return ImageFolder(self.url, self.classes, chosen, self.blobs, self.storage_options)
+
+    def read(self, path: str) -> bytes:
+        if path in self.blobs:
+            return self.blobs[path]
+        fs, _ = filesystem(self.url, self.storage_options)
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    def load(self, image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as uint8 (N, 3, H, W) and their labels (N,), resized if asked."""
+        arrays = [decode(self.read(path), path, image_size) for path, _ in self.files]
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:
+            raise InputError(
+                f"{self.url}: images have different sizes {sorted(sizes)[:3]}; "
+                "give an image size to resize them"
+            )
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
+        return images, labels
+
+
+def decode(data: bytes, name: str, image_size: int | None = None) -> np.ndarray:
+    """Image bytes -> RGB uint8 (H, W, 3); InputError naming the file if unreadable."""
+    if not data:
+        raise InputError(f"{name}: empty image file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise InputError(f"{name}: {image.width}x{image.height} is too large")
+            image = image.convert("RGB")
+            if image_size and image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise InputError(f"{name}: not a readable image ({error})") from error
+
+
+def open_image_folder(url: str, storage_options: dict[str, Any] | None = None) -> ImageFolder:
+    """List a class-folder image set at ``url`` (a folder, or a folder inside an archive)."""
+    match = ARCHIVE.match(url)
+    if match:
+        return _from_archive(
+            match.group(1), (match.group(2) or "").strip("/"), url, storage_options
+        )
+    fs, root = filesystem(url, storage_options)
+    if not fs.isdir(root):
+        raise InputError(f"{url}: no such folder")
+    paths = [p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
+    entries = [(p, p[len(root.rstrip("/")) + 1 :]) for p in paths]
+    return _index(url, entries, {}, storage_options)
+
+
+def _from_archive(
+    archive: str, inner: str, url: str, options: dict[str, Any] | None
+) -> ImageFolder:
+    fs, path = filesystem(archive, options)
+    if not fs.exists(path):
+        raise InputError(f"{archive}: no such file")
+    prefix = f"{inner}/" if inner else ""
+    blobs: dict[str, bytes] = {}
+    with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for member in tar:
+            name = member.name.removeprefix("./")
+            if (
+                member.isfile()
+                and name.startswith(prefix)
+                and name.lower().endswith(IMAGE_SUFFIXES)
+            ):
+                blobs[name] = tar.extractfile(member).read()
+    entries = [(name, name[len(prefix) :]) for name in blobs]
+    return _index(url, entries, blobs, options)
+
+
+def _index(
+    url: str,
+    entries: list[tuple[str, str]],
+    blobs: dict[str, bytes],
+    options: dict[str, Any] | None,
+) -> ImageFolder:
+    """Build the class list from ``(full path, path relative to the root)`` pairs."""
+    by_class: dict[str, list[str]] = {}
+    for full, relative in entries:
+        parts = relative.split("/")
+        if len(parts) == 2:
+            by_class.setdefault(parts[0], []).append(full)
+    if len(by_class) < 2:
+        raise InputError(
+            f"{url}: found {len(by_class)} class folder(s) holding images; "
+            "expected ROOT/<class>/<image> with at least two classes"
+        )
+    classes = sorted(by_class)
+    files = [(path, index) for index, name in enumerate(classes) for path in sorted(by_class[name])]
+    return ImageFolder(url, classes, files, blobs, dict(options or {}))

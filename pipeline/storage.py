@@ -1,0 +1,180 @@
+"""One storage code path: every location is an fsspec URL (plain path, file://, s3://).
+
+S3 options come from ``run.storage_options`` (``endpoint_url``, ``key``, ``secret``,
+``profile`` …) or the standard AWS environment. Nothing here logs an option value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from pipeline.errors import InputError
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+PROBE_SECONDS = 5
+
+
+def normalise_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """fsspec keyword arguments for ``url``; ``endpoint_url`` is routed where s3fs wants it."""
+    options = dict(options or {})
+    if protocol_of(url) == "s3" and "endpoint_url" in options:
+        client = dict(options.pop("client_kwargs", {}) or {})
+        client["endpoint_url"] = options.pop("endpoint_url")
+        options["client_kwargs"] = client
+    return options
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for ``url``."""
+    try:
+        return url_to_fs(url, **normalise_options(url, options))
+    except (ValueError, ImportError) as error:
+        raise InputError(f"{url}: unsupported storage URL ({error})") from error
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with '/' (fsspec URLs use '/' everywhere)."""
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` with every secret-looking value replaced, for manifests and logs."""
+
+    def clean(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, k) for k, v in value.items()}
+        if any(word in key.lower() for word in SECRET_WORDS):
+            return "***"
+        return value
+
+    return clean(dict(options or {}))
+
+
+def exists(url: str, options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, options)
+    return fs.exists(path)
+
+
+def read_bytes(url: str, options: dict[str, Any] | None = None) -> bytes:
+    fs, path = filesystem(url, options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(url: str, options: dict[str, Any] | None = None) -> Any:
+    return json.loads(read_bytes(url, options))
+
+
+def write_json(url: str, value: Any, options: dict[str, Any] | None = None) -> None:
+    with atomic_open(url, options) as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+
+
+@contextmanager
+def atomic_open(url: str, options: dict[str, Any] | None = None) -> Iterator[IO[bytes]]:
+    """Open ``url`` for writing so that readers see the whole file or nothing.
+
+    Object stores make an upload visible only when it completes (one PUT, or the
+    completion of a multipart upload), so the final key is written directly. A local
+    file is written under a temporary name and renamed. On an error nothing is left.
+    """
+    fs, path = filesystem(url, options)
+    local = protocol_of(url) == "file"
+    target = f"{path}.partial-{uuid.uuid4().hex}" if local else path
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if local and parent:
+        fs.makedirs(parent, exist_ok=True)
+    f = fs.open(target, "wb")
+    try:
+        yield f
+    except BaseException:
+        _discard(f, fs, target, local)
+        raise
+    f.close()
+    if local:
+        os.replace(target, path)
+
+
+def _discard(f: Any, fs: Any, target: str, local: bool) -> None:
+    if hasattr(f, "discard") and not local:
+        f.discard()  # abandons an S3 multipart upload instead of completing it
+    else:
+        f.close()
+    if local and fs.exists(target):
+        fs.rm(target)
+
+
+def check_writable(url: str, options: dict[str, Any] | None = None) -> None:
+    """Raise :class:`InputError` unless ``url`` can be written, creating nothing.
+
+    Local: the nearest existing ancestor must be a writable folder. Object stores:
+    the endpoint must answer and the bucket must exist, within a few seconds.
+    """
+    protocol = protocol_of(url)
+    if protocol == "file":
+        path = os.path.abspath(url.removeprefix("file://"))
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise InputError(f"run.output: {probe} exists and is not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise InputError(f"run.output: {probe} is not writable")
+        return
+    if protocol == "s3":
+        _check_bucket(url, options)
+        return
+    filesystem(url, options)  # other fsspec backends: only check that the URL resolves
+
+
+def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
+    opts = normalise_options(url, options)
+    opts["config_kwargs"] = {
+        **opts.get("config_kwargs", {}),
+        "connect_timeout": PROBE_SECONDS,
+        "read_timeout": PROBE_SECONDS,
+        "retries": {"max_attempts": 1},
+    }
+    opts["skip_instance_cache"] = True
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    endpoint = opts.get("client_kwargs", {}).get("endpoint_url") or os.environ.get(
+        "AWS_ENDPOINT_URL", "the default AWS endpoint"
+    )
+    try:
+        fs = fsspec.filesystem("s3", **opts)
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError as error:
+        raise InputError(f"run.output: bucket {bucket!r} does not exist at {endpoint}") from error
+    except PermissionError as error:
+        raise InputError(f"run.output: no permission to list bucket {bucket!r}") from error
+    except Exception as error:  # botocore raises many types for an unreachable endpoint
+        raise InputError(
+            f"run.output: S3 endpoint {endpoint} did not answer for bucket {bucket!r} "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def register_webdataset_opener() -> None:
+    """Let the ``webdataset`` library open ``s3://`` (and any fsspec) URLs.
+
+    Credentials and the endpoint come from the standard AWS environment.
+    """
+    import webdataset.gopen as gopen
+
+    def fsspec_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+        return fsspec.open(url, mode).open()
+
+    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory"):
+        gopen.gopen_schemes.setdefault(scheme, fsspec_opener)

@@ -1,0 +1,52 @@
+"""Pure loss functions shared by the synthesizers.
+
+Every function takes tensors and returns a scalar tensor; weights are applied by the
+caller (:class:`synthesizers.base.LossTerms`), never here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """L2 total variation of images ``x`` (B, C, H, W), as DeepInversion defines it.
+
+    The sum of the Euclidean norms of horizontal, vertical and both diagonal
+    neighbour differences, averaged over nothing: it grows with the batch.
+    """
+    dx = x[:, :, :, :-1] - x[:, :, :, 1:]
+    dy = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d1 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d2 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return dx.norm() + dy.norm() + d1.norm() + d2.norm()
+
+
+def l2_prior(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of the images ``x`` (B, C, H, W)."""
+    return x.norm()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (B, K) against integer ``labels`` (B,)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def statistics_distance(
+    mean: torch.Tensor, var: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor
+) -> torch.Tensor:
+    """‖μ − μ̂‖₂ + ‖σ² − σ̂²‖₂ for channel statistics of shape (C,)."""
+    return (mean - target_mean).norm() + (var - target_var).norm()
+
+
+def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a feature map (B, C, H, W) -> (C,), (C,).
+
+    Computed in float32 whatever the autocast dtype: the statistics are small and
+    their differences are what the loss is made of.
+    """
+    x = x.float()
+    mean = x.mean(dim=(0, 2, 3))
+    var = x.var(dim=(0, 2, 3), unbiased=False)
+    return mean, var
