@@ -78,6 +78,7 @@ class PlanConfig:
 
 @dataclass
 class FilterConfig:
+    enabled: bool = True  # false keeps every synthesized image
     min_confidence: float = 0.5  # keep teacher confidence >= this and argmax == target
     max_attempts: int = 3  # synthesis rounds per batch, the first included
 

@@ -5,6 +5,7 @@ complete), and :func:`inspect_run` that reports on a run folder."""
 from __future__ import annotations
 
 import io
+import json
 import platform
 from collections import Counter
 from typing import Any
@@ -31,9 +32,10 @@ RESUMABLE_SECTIONS = ("runtime",)  # may change between a run and its resumption
 
 
 def resolved_config(config: Config) -> dict[str, Any]:
+    """The config as JSON data (tuples as lists), secrets redacted."""
     data = config.to_dict()
     data["run"]["storage_options"] = redact(data["run"]["storage_options"])
-    return data
+    return json.loads(json.dumps(data))
 
 
 def record_run(

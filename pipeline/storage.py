@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,6 +111,7 @@ def atomic_open(url: str, options: dict[str, Any] | None = None) -> Iterator[IO[
 def _discard(f: Any, fs: Any, target: str, local: bool) -> None:
     if hasattr(f, "discard") and not local:
         f.discard()  # abandons an S3 multipart upload instead of completing it
+        f.closed = True  # s3fs leaves it open: a later close (or __del__) would upload
     else:
         f.close()
     if local and fs.exists(target):
@@ -130,8 +132,11 @@ def check_writable(url: str, options: dict[str, Any] | None = None) -> None:
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
             raise InputError(f"run.output: {probe} exists and is not a folder")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise InputError(f"run.output: {probe} is not writable")
+        try:  # os.access says yes to root even on read-only mounts: try for real
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as error:
+            raise InputError(f"run.output: {probe} is not writable ({error.strerror})") from error
         return
     if protocol == "s3":
         _check_bucket(url, options)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, FilterConfig
 from pipeline.plan import ShardTask
 from pipeline.shards import Sample, shard_url, write_shard, write_sidecar
 from pipeline.teachers import load_teacher
@@ -33,10 +33,12 @@ class BatchOutcome:
     seconds: float = 0.0
 
 
-def accepted(result: SynthesisResult, min_confidence: float) -> torch.Tensor:
-    """(B,) bool: teacher confidence >= τ and argmax == target."""
+def accepted(result: SynthesisResult, config: FilterConfig) -> torch.Tensor:
+    """(B,) bool: teacher confidence >= τ and argmax == target (all, when disabled)."""
+    if not config.enabled:
+        return torch.ones(len(result.labels), dtype=torch.bool)
     confidence, predicted = result.probs.max(dim=1)
-    return (confidence >= min_confidence) & (predicted == result.labels)
+    return (confidence >= config.min_confidence) & (predicted == result.labels)
 
 
 def refill_labels(open_labels: list[int], batch: int) -> list[int]:
@@ -107,7 +109,7 @@ class ShardWorker:
         seed: int,
         attempt: int,
     ) -> None:
-        keep = accepted(result, self.config.filter.min_confidence)
+        keep = accepted(result, self.config.filter)
         images = (result.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         confidence = result.probs.max(dim=1).values
         logits = result.logits.float().numpy()

@@ -1,0 +1,77 @@
+"""Config parsing: dataclasses, overrides, and clear errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tests_support import base_config
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import InputError
+from synthesizers.deepinversion import DeepInversionConfig
+
+
+def test_defaults_and_synthesizer_section_become_dataclasses() -> None:
+    config = parse_config(base_config())
+    assert isinstance(config.synthesizer.params, DeepInversionConfig)
+    assert config.synthesizer.params.iterations == 2
+    assert config.synthesizer.params.bn_weight == 10.0  # the paper's default kept
+    assert config.classes == list(range(10))
+    assert config.teacher.mean == (0.485, 0.456, 0.406)
+    flat = config.to_dict()
+    assert flat["synthesizer"]["name"] == "deepinversion"
+    assert flat["synthesizer"]["lr"] == 0.05
+
+
+def test_overrides_set_nested_fields_with_yaml_values(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config()))
+    config = load_config(path, ["plan.classes=[1, 3]", "synthesizer.lr=0.1", "run.seed=9"])
+    assert config.classes == [1, 3]
+    assert config.synthesizer.params.lr == 0.1
+    assert config.run.seed == 9
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"plan": {"bogus": 1}}, "unknown key plan.bogus"),
+        ({"extra": {}}, "unknown config section 'extra'"),
+        ({"synthesizer": {"name": "nope"}}, "valid names: .*deepinversion"),
+        ({"synthesizer": {"name": "deepinversion", "iters": 3}}, "synthesizer.iters"),
+        ({"plan": {"batch_size": 0}}, "batch_size must be positive"),
+        ({"plan": {"num_images": -5}}, "num_images must be positive"),
+        ({"plan": {"batch_size": "big"}}, "plan.batch_size: expected an integer"),
+        ({"plan": {"classes": [3, 12]}}, r"plan.classes: \[12\] outside"),
+        ({"plan": {"classes": []}}, "non-empty"),
+        ({"filter": {"min_confidence": 1.5}}, "min_confidence"),
+        ({"teacher": {"mean": [0.5, 0.5]}}, "mean and std"),
+        ({"teacher": {"checkpoint": ""}}, "checkpoint is required"),
+        ({"runtime": {"executor": "spark"}}, "executor"),
+        ({"run": {"seed": True}}, "run.seed: expected an integer"),
+        ({"synthesizer": {"name": "deepinversion", "lr": -1.0}}, "lr must be positive"),
+    ],
+)
+def test_bad_configs_name_the_culprit(change: dict, message: str) -> None:
+    data = base_config()
+    for section, values in change.items():
+        data.setdefault(section, {}).update(values)
+    with pytest.raises(InputError, match=message):
+        parse_config(data)
+
+
+def test_unreadable_or_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot be read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list")
+    with pytest.raises(InputError, match="mapping"):
+        load_config(bad)
+    bad.write_text(yaml.safe_dump(base_config()))
+    with pytest.raises(InputError, match="expected key.path=value"):
+        load_config(bad, ["plan.batch_size"])

@@ -1,0 +1,173 @@
+"""The task graph end to end on a local folder: plan, shards, filter, resume, Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import parse_config
+from pipeline.errors import InputError
+from pipeline.plan import derive_seed, make_plan
+from pipeline.runtime import RunFailed, run_job
+from pipeline.shards import shard_sha256
+from pipeline.worker import ShardWorker
+from tests_support import config_dict
+
+
+def shard_files(run: Path) -> list[Path]:
+    return sorted((run / "shards").glob("*.tar"))
+
+
+def test_plan_is_class_balanced_and_seeded_per_shard(make_config) -> None:
+    config = make_config(
+        plan={"num_images": 50, "shard_size": 20, "batch_size": 8, "classes": [2, 5, 7]}
+    )
+    plan = make_plan(config)
+    assert [t.name for t in plan] == ["train-000000", "train-000001", "train-000002"]
+    assert [len(t.labels) for t in plan] == [20, 20, 10]
+    labels = [label for t in plan for label in t.labels]
+    assert {c: labels.count(c) for c in (2, 5, 7)} == {2: 17, 5: 17, 7: 16}
+    assert [len(b) for b in plan[0].batches()] == [8, 8, 4]
+    assert plan[1].seed == derive_seed(7, 1) and len({t.seed for t in plan}) == 3
+    assert make_plan(config) == plan  # a pure function of the config
+
+
+def test_inline_run_writes_readable_shards_manifest_index_preview(
+    make_config, tmp_path: Path
+) -> None:
+    config = make_config()
+    manifest = run_job(config)
+    run = tmp_path / "out" / "test"
+    tars = shard_files(run)
+    assert [t.name for t in tars] == ["train-000000.tar", "train-000001.tar"]
+    samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False))
+    assert len(samples) == 32 == manifest["totals"]["images"]
+    first = samples[0]
+    assert first["__key__"] == "000000-00000"
+    image = Image.open(io.BytesIO(first["png"]))
+    assert image.mode == "RGB" and image.size == (32, 32)
+    info = json.loads(first["json"])
+    assert int(first["cls"]) == info["label"] == 0
+    assert {"confidence", "synthesizer", "seed", "losses"} <= set(info)
+    assert set(info["losses"]) == {"ce", "bn", "tv", "l2", "total"}
+    logits = np.load(io.BytesIO(first["logits.npy"]))
+    assert logits.dtype == np.float16 and logits.shape == (10,)
+    for tar in tars:
+        sidecar = json.loads(tar.with_suffix(".json").read_text())
+        assert sidecar["sha256"] == shard_sha256(str(tar))
+        assert sidecar["samples"] == 16 and sum(sidecar["classes"].values()) == 16
+    index = pq.read_table(run / "index.parquet").to_pylist()
+    assert [r["key"] for r in index] == [s["__key__"] for s in samples]
+    assert {r["synthesizer"] for r in index} == {"deepinversion"}
+    preview = Image.open(run / "preview.png")
+    assert preview.size[0] > 0 and preview.size[1] > preview.size[0]  # 10 rows × 8 columns
+    saved = json.loads((run / "manifest.json").read_text())
+    assert saved["totals"]["classes"] == {str(c): 4 if c < 2 else 3 for c in range(10)}
+    assert [s["name"] for s in saved["shards"]] == ["train-000000", "train-000001"]
+
+
+def test_resume_rewrites_only_the_missing_shard(make_config, tmp_path: Path) -> None:
+    config = make_config(plan={"num_images": 48})
+    run_job(config)
+    run = tmp_path / "out" / "test"
+    before = {t.name: (t.read_bytes(), t.stat().st_mtime_ns) for t in shard_files(run)}
+    victim = run / "shards" / "train-000001.tar"
+    victim.unlink()
+    victim.with_suffix(".json").unlink()
+    run_job(config)
+    after = {t.name: (t.read_bytes(), t.stat().st_mtime_ns) for t in shard_files(run)}
+    assert set(after) == set(before)
+    for name in ("train-000000.tar", "train-000002.tar"):
+        assert after[name] == before[name]  # untouched: same bytes, same mtime
+    assert after["train-000001.tar"][1] != before["train-000001.tar"][1]  # rewritten
+    assert after["train-000001.tar"][0] == before["train-000001.tar"][0]  # deterministic
+    # a shard without its sidecar does not exist: it is regenerated too
+    (run / "shards" / "train-000002.json").unlink()
+    run_job(config)
+    assert (run / "shards" / "train-000002.json").exists()
+    assert not list((run / "shards").glob("*.partial-*"))
+
+
+def test_rerun_with_a_different_config_is_refused(make_config) -> None:
+    run_job(make_config())
+    with pytest.raises(InputError, match="different config .*synthesizer"):
+        run_job(make_config(synthesizer={"iterations": 3}))
+    run_job(make_config(runtime={"max_retries": 1}))  # runtime may change on resume
+
+
+def test_filter_keeps_only_confident_correct_samples_and_counts_the_rest(
+    make_config, tmp_path: Path
+) -> None:
+    config = make_config(
+        filter={"enabled": True, "min_confidence": 0.2, "max_attempts": 2}, plan={"num_images": 16}
+    )
+    manifest = run_job(config)
+    sidecar = json.loads((tmp_path / "out/test/shards/train-000000.json").read_text())
+    assert sidecar["accepted"] + sidecar["rejected"] == 16
+    assert sidecar["attempts"] in (1, 2)
+    assert sidecar["synthesized"] == 16 * sidecar["attempts"]
+    samples = list(
+        wds.WebDataset(str(tmp_path / "out/test/shards/train-000000.tar"), shardshuffle=False)
+    )
+    assert len(samples) == sidecar["accepted"] == manifest["totals"]["images"]
+    for sample in samples:
+        info = json.loads(sample["json"])
+        assert info["confidence"] >= 0.2
+        assert np.load(io.BytesIO(sample["logits.npy"])).argmax() == info["label"]
+
+
+def test_failed_shards_are_retried_a_bounded_number_of_times(make_config, monkeypatch) -> None:
+    calls = {"n": 0}
+    real_run = ShardWorker.run
+
+    def flaky(self, task):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("transient")
+        return real_run(self, task)
+
+    monkeypatch.setattr(ShardWorker, "run", flaky)
+    assert run_job(make_config())["totals"]["images"] == 32
+    assert calls["n"] == 3
+
+    def broken(self, task):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(ShardWorker, "run", broken)
+    config = make_config(run={"name": "other"}, runtime={"max_retries": 2})
+    with pytest.raises(RunFailed, match="2 shard.* 3 tries .*disk on fire.*rerun"):
+        run_job(config)
+
+
+def test_ray_actors_write_shards_that_ray_data_reads(
+    ray_cluster, make_config, tmp_path: Path
+) -> None:
+    config = make_config(runtime={"executor": "ray", "num_workers": 2, "cpus_per_worker": 1})
+    manifest = run_job(config)
+    assert manifest["totals"]["images"] == 32
+    run = tmp_path / "out" / "test"
+    devices = {json.loads(p.read_text())["device"] for p in (run / "shards").glob("*.json")}
+    assert all(d.startswith("cpu") for d in devices)
+    dataset = ray_cluster.data.read_webdataset(str(run / "shards"), file_extensions=["tar"])
+    rows = dataset.take_all()
+    assert len(rows) == 32
+    assert {row["__key__"] for row in rows} == {
+        f"00000{s}-{i:05d}" for s in (0, 1) for i in range(16)
+    }
+    assert np.asarray(rows[0]["png"]).shape == (32, 32, 3)
+
+
+def test_parse_resolves_the_same_plan_from_a_manifest(make_config, tmp_path: Path) -> None:
+    manifest = run_job(make_config())
+    again = parse_config(
+        {k: v for k, v in manifest["config"].items()} | {"run": manifest["config"]["run"]}
+    )
+    assert make_plan(again) == make_plan(make_config())
+    assert config_dict("x", "y")["plan"]["num_images"] == 32

@@ -1,0 +1,159 @@
+"""The synthesizer protocol, the shared loop and DeepInversion, on a tiny BN teacher."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from synthesizers import (
+    SYNTHESIZERS,
+    SynthesisSpec,
+    build_synthesizer,
+    get_synthesizer,
+    synthesizer_names,
+)
+from synthesizers.base import PixelImages, weighted_total
+from synthesizers.deepinversion import DeepInversionConfig
+from synthesizers.hooks import batchnorm_layers, capture_input_statistics
+from synthesizers.losses import channel_statistics, total_variation
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def tiny_teacher(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 16, 16))
+    return model.eval()
+
+
+def spec(seed: int = 1, batch: int = 8) -> SynthesisSpec:
+    return SynthesisSpec(torch.arange(batch) % 4, (3, 16, 16), seed, MEAN, STD)
+
+
+def test_registry_lists_valid_names_on_unknown() -> None:
+    assert "deepinversion" in synthesizer_names()
+    with pytest.raises(KeyError, match="valid names: .*deepinversion"):
+        get_synthesizer("deep-inversion")
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHESIZERS))
+def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
+    method = get_synthesizer(name)
+    synth = build_synthesizer(name, tiny_teacher(), method.config_class(iterations=2))
+    result = synth.synthesize(spec())
+    assert result.images.shape == (8, 3, 16, 16)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert torch.allclose(result.images * 255, (result.images * 255).round(), atol=1e-4)
+    assert result.probs.shape == (8, 4)
+    assert torch.allclose(result.probs.sum(1), torch.ones(8), atol=1e-5)
+    assert result.iterations == 2
+    assert "total" in result.losses and all(math.isfinite(v) for v in result.losses.values())
+
+
+def test_deepinversion_returns_every_term_and_teacher_stays_frozen() -> None:
+    teacher = tiny_teacher()
+    before = [p.clone() for p in teacher.parameters()]
+    synth = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=3))
+    result = synth.synthesize(spec())
+    assert set(result.losses) == {"ce", "bn", "tv", "l2", "total"}
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    assert not teacher.training
+
+
+def test_same_seed_same_images_different_seed_different() -> None:
+    synth = build_synthesizer("deepinversion", tiny_teacher(), DeepInversionConfig(iterations=3))
+    first, again, other = (
+        synth.synthesize(spec(1)),
+        synth.synthesize(spec(1)),
+        synth.synthesize(spec(2)),
+    )
+    assert torch.equal(first.images, again.images)
+    assert first.losses == again.losses
+    assert not torch.equal(first.images, other.images)
+
+
+def test_optimisation_lowers_the_loss() -> None:
+    teacher = tiny_teacher()
+    short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
+    long = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=60, lr=0.1))
+    assert long.synthesize(spec()).losses["total"] < short.synthesize(spec()).losses["total"]
+
+
+def test_deepinversion_refuses_a_teacher_without_batch_norm() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match="batch-norm"):
+        build_synthesizer("deepinversion", model)
+
+
+def test_config_rejects_bad_values_and_wrong_config_type() -> None:
+    with pytest.raises(ValueError, match="iterations"):
+        DeepInversionConfig(iterations=0)
+    with pytest.raises(ValueError, match="precision"):
+        DeepInversionConfig(precision="fp8")
+    from synthesizers import SynthesizerConfig
+
+    with pytest.raises(TypeError, match="DeepInversionConfig"):
+        build_synthesizer("deepinversion", tiny_teacher(), SynthesizerConfig())
+
+
+def test_hooks_capture_statistics_and_are_always_removed() -> None:
+    teacher = tiny_teacher()
+    layers = batchnorm_layers(teacher)
+    assert len(layers) == 2
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(RuntimeError, match="boom"), capture_input_statistics(layers) as records:
+        teacher(x)
+        assert records[0].mean.shape == (8,) and records[1].var.shape == (8,)
+        expected_mean, expected_var = channel_statistics(teacher[0](x))
+        assert torch.allclose(records[0].mean, expected_mean, atol=1e-5)
+        assert torch.allclose(records[0].var, expected_var, atol=1e-5)
+        raise RuntimeError("boom")
+    assert all(not module._forward_hooks for _, module in layers)
+
+
+def test_weighted_total_needs_a_weight_for_every_term() -> None:
+    terms = {"a": torch.tensor(2.0), "b": torch.tensor(3.0)}
+    assert weighted_total(terms, {"a": 1.0, "b": 0.5}).item() == pytest.approx(3.5)
+    with pytest.raises(KeyError, match="b"):
+        weighted_total(terms, {"a": 1.0})
+    with pytest.raises(ValueError, match="weight 0"):
+        weighted_total(terms, {"a": 0.0, "b": 0.0})
+
+
+def test_total_variation_is_zero_for_a_flat_image_and_positive_otherwise() -> None:
+    assert total_variation(torch.ones(2, 3, 8, 8)).item() == 0
+    assert total_variation(torch.rand(2, 3, 8, 8)).item() > 0
+
+
+def test_pixels_are_projected_into_the_valid_range() -> None:
+    pixels = PixelImages(2, (3, 8, 8), MEAN, STD)
+    with torch.no_grad():
+        pixels.pixels.mul_(100)
+    pixels.project()
+    unit = pixels.pixels * pixels.std + pixels.mean
+    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="labels"):
+        SynthesisSpec(torch.tensor([]), (3, 8, 8), 0, MEAN, STD)
+    with pytest.raises(ValueError, match="mean and std"):
+        SynthesisSpec(torch.tensor([0]), (3, 8, 8), 0, (0.5,), (0.5,))
