@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
+from tests_support import config_dict
 
 from pipeline.config import parse_config
 from pipeline.errors import InputError
@@ -18,7 +19,6 @@ from pipeline.plan import derive_seed, make_plan
 from pipeline.runtime import RunFailed, run_job
 from pipeline.shards import shard_sha256
 from pipeline.worker import ShardWorker
-from tests_support import config_dict
 
 
 def shard_files(run: Path) -> list[Path]:
