@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from pipeline.errors import InputError
 from pipeline.manifest import finalise_run, record_run
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards
-from pipeline.storage import check_writable, join
+from pipeline.storage import absolute, check_writable, join
 from pipeline.teachers import load_teacher
 from pipeline.worker import ShardWorker
 
@@ -32,6 +33,11 @@ class RunFailed(RuntimeError):
 
 def run_job(config: Config) -> dict[str, Any]:
     """Run the whole job for ``config``; returns the manifest."""
+    config = replace(
+        config,
+        run=replace(config.run, output=absolute(config.run.output)),
+        teacher=replace(config.teacher, checkpoint=absolute(config.teacher.checkpoint)),
+    )
     options = config.run.storage_options
     check_writable(config.run.output, options)
     teacher = load_teacher(config.teacher, options)

@@ -45,6 +45,13 @@ def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, st
         raise InputError(f"{url}: unsupported storage URL ({error})") from error
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (workers run in other folders); other URLs unchanged."""
+    if protocol_of(url) != "file":
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL with '/' (fsspec URLs use '/' everywhere)."""
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -176,10 +183,10 @@ def register_webdataset_opener() -> None:
 
     Credentials and the endpoint come from the standard AWS environment.
     """
-    import webdataset.gopen as gopen
+    from webdataset.gopen import gopen_schemes  # (webdataset.gopen is also a function)
 
     def fsspec_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
         return fsspec.open(url, mode).open()
 
     for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory"):
-        gopen.gopen_schemes.setdefault(scheme, fsspec_opener)
+        gopen_schemes.setdefault(scheme, fsspec_opener)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,9 +148,13 @@ def test_failed_shards_are_retried_a_bounded_number_of_times(make_config, monkey
 
 
 def test_ray_actors_write_shards_that_ray_data_reads(
-    ray_cluster, make_config, tmp_path: Path
+    ray_cluster, teacher_checkpoint: str, tmp_path: Path, monkeypatch
 ) -> None:
-    config = make_config(runtime={"executor": "ray", "num_workers": 2, "cpus_per_worker": 1})
+    # relative paths, as in configs/demo.yaml: actors run in other folders
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(teacher_checkpoint, tmp_path / "teacher.pt")
+    runtime = {"executor": "ray", "num_workers": 2, "cpus_per_worker": 1}
+    config = parse_config(config_dict("out", "teacher.pt", runtime=runtime))
     manifest = run_job(config)
     assert manifest["totals"]["images"] == 32
     run = tmp_path / "out" / "test"
