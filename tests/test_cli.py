@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,11 +89,9 @@ def test_bad_input_exits_2_naming_the_culprit_and_writes_nothing(
                 values[key] = value
     config = write_config(tmp_path, teacher_checkpoint, **change)
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, out, err = run_cli(["run", str(config)], capsys)
+    code, _, err = run_cli(["run", str(config)], capsys)
     assert code == 2, err
     assert "dreamshard: error:" in err
-    import re
-
     assert re.search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert not (tmp_path / "out").exists()
