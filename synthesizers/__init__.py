@@ -10,17 +10,16 @@ import torch
 from torch import nn
 
 from synthesizers import deepinversion  # noqa: F401  (registers the method)
-from synthesizers.base import (
-    Parametrisation,
-    PixelImages,
+from synthesizers.base import Synthesizer
+from synthesizers.parametrisation import Parametrisation, PixelImages
+from synthesizers.registry import SYNTHESIZERS, get_synthesizer, register, synthesizer_names
+from synthesizers.spec import (
     Stage,
     StepContext,
     SynthesisResult,
     SynthesisSpec,
-    Synthesizer,
     SynthesizerConfig,
 )
-from synthesizers.registry import SYNTHESIZERS, get_synthesizer, register, synthesizer_names
 
 __all__ = [
     "SYNTHESIZERS",

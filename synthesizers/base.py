@@ -16,147 +16,23 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from synthesizers.hooks import LayerStatistics, capture_input_statistics
+from synthesizers.hooks import capture_input_statistics
+from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.precision import autocast_dtype
+from synthesizers.spec import (
+    Stage,
+    StepContext,
+    SynthesisResult,
+    SynthesisSpec,
+    SynthesizerConfig,
+)
 
 log = logging.getLogger("dreamshard.synthesizers")
-
-
-@dataclass
-class SynthesizerConfig:
-    """Fields every method shares. A method's own dataclass extends it with the paper's
-    defaults for its own terms."""
-
-    iterations: int = 2000
-    lr: float = 0.05
-    betas: tuple[float, float] = (0.5, 0.9)
-    precision: str = "auto"  # auto | bf16 | fp32
-    channels_last: bool = True
-    jitter: int = 2  # random translation in pixels, each iteration
-    flip: bool = True  # random horizontal flip, each iteration
-    log_every: int = 0  # log every term every N iterations; 0 logs only the end
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.jitter < 0:
-            raise ValueError(f"jitter must be non-negative, got {self.jitter}")
-
-
-@dataclass
-class SynthesisSpec:
-    """One request: which classes, what image geometry, which seed, what guidance.
-
-    ``mean`` and ``std`` are the teacher's input normalisation: the teacher sees
-    ``(image - mean) / std`` for an image in [0, 1].
-    """
-
-    labels: torch.Tensor  # (B,) int64 target classes
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    seed: int
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
-    guidance: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.labels.ndim != 1 or self.labels.numel() == 0:
-            raise ValueError("labels must be a non-empty 1-D tensor of class indices")
-        channels = self.image_shape[0]
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(f"mean and std need {channels} values, one per channel")
-
-
-@dataclass
-class SynthesisResult:
-    """Images in [0, 1] (quantised to 8 bits, as they will be stored) and what the
-    teacher thinks of them."""
-
-    images: torch.Tensor  # (B, C, H, W) float32 on the CPU, multiples of 1/255
-    labels: torch.Tensor  # (B,) int64 target classes
-    probs: torch.Tensor  # (B, K) teacher softmax on ``images``
-    logits: torch.Tensor  # (B, K) teacher logits on ``images``
-    losses: dict[str, float]  # final unweighted value of every term, and "total"
-    iterations: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A phase of the optimisation with its own length (and, through
-    :meth:`Synthesizer.weights`, its own weights)."""
-
-    name: str
-    iterations: int
-
-
-@dataclass
-class StepContext:
-    """What one iteration produced, handed to :meth:`Synthesizer.loss_terms`."""
-
-    spec: SynthesisSpec
-    stage: Stage
-    iteration: int
-    labels: torch.Tensor  # (B,)
-    images: torch.Tensor  # (B, C, H, W) normalised, before augmentation
-    inputs: torch.Tensor  # (B, C, H, W) normalised, as the teacher saw them
-    logits: torch.Tensor  # (B, K)
-    features: list[LayerStatistics]
-
-
-class Parametrisation(nn.Module):
-    """The thing optimised. ``forward()`` returns normalised images (B, C, H, W)."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def project(self) -> None:
-        """Constrain the parameters after an optimiser step (nothing by default)."""
-
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> [0, 1]."""
-        return (images * self.std + self.mean).clamp(0.0, 1.0)
-
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images -> the teacher's normalised input."""
-        return (images - self.mean) / self.std
-
-
-class PixelImages(Parametrisation):
-    """Pixels optimised directly, in the teacher's normalised space, started from
-    N(0, 1) noise and clipped to the valid range after each step (as DeepInversion)."""
-
-    def __init__(
-        self,
-        batch: int,
-        image_shape: tuple[int, int, int],
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        init: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(mean, std)
-        init = torch.randn(batch, *image_shape) if init is None else self.normalise(init)
-        self.pixels = nn.Parameter(init)  # (B, C, H, W)
-
-    def forward(self) -> torch.Tensor:
-        return self.pixels
-
-    @torch.no_grad()
-    def project(self) -> None:
-        low = (0.0 - self.mean) / self.std
-        high = (1.0 - self.mean) / self.std
-        self.pixels.copy_(torch.maximum(torch.minimum(self.pixels, high), low))
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from synthesizers.base import Stage, StepContext, Synthesizer, SynthesizerConfig
+from synthesizers.base import Synthesizer
 from synthesizers.hooks import batchnorm_layers
 from synthesizers.losses import cross_entropy, l2_prior, statistics_distance, total_variation
 from synthesizers.registry import register
+from synthesizers.spec import Stage, StepContext, SynthesizerConfig
 
 
 @dataclass

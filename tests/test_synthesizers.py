@@ -15,10 +15,11 @@ from synthesizers import (
     get_synthesizer,
     synthesizer_names,
 )
-from synthesizers.base import PixelImages, weighted_total
+from synthesizers.base import weighted_total
 from synthesizers.deepinversion import DeepInversionConfig
 from synthesizers.hooks import batchnorm_layers, capture_input_statistics
 from synthesizers.losses import channel_statistics, total_variation
+from synthesizers.parametrisation import PixelImages
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

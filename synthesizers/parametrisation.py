@@ -1,0 +1,56 @@
+"""What the loop optimises: something whose ``forward()`` returns normalised images.
+
+Pixels by default; a method may optimise a generator instead (NaturalInversion) by
+returning another :class:`Parametrisation` from ``Synthesizer.parametrise``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Parametrisation(nn.Module):
+    """The thing optimised. ``forward()`` returns normalised images (B, C, H, W)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def project(self) -> None:
+        """Constrain the parameters after an optimiser step (nothing by default)."""
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> [0, 1]."""
+        return (images * self.std + self.mean).clamp(0.0, 1.0)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the teacher's normalised input."""
+        return (images - self.mean) / self.std
+
+
+class PixelImages(Parametrisation):
+    """Pixels optimised directly, in the teacher's normalised space, started from
+    N(0, 1) noise and clipped to the valid range after each step (as DeepInversion)."""
+
+    def __init__(
+        self,
+        batch: int,
+        image_shape: tuple[int, int, int],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        init: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(mean, std)
+        init = torch.randn(batch, *image_shape) if init is None else self.normalise(init)
+        self.pixels = nn.Parameter(init)  # (B, C, H, W)
+
+    def forward(self) -> torch.Tensor:
+        return self.pixels
+
+    @torch.no_grad()
+    def project(self) -> None:
+        low = (0.0 - self.mean) / self.std
+        high = (1.0 - self.mean) / self.std
+        self.pixels.copy_(torch.maximum(torch.minimum(self.pixels, high), low))
