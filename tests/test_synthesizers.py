@@ -10,7 +10,11 @@ from torch import nn
 
 from synthesizers import (
     SYNTHESIZERS,
+    Parametrisation,
+    Stage,
     SynthesisSpec,
+    Synthesizer,
+    SynthesizerConfig,
     build_synthesizer,
     get_synthesizer,
     synthesizer_names,
@@ -158,3 +162,74 @@ def test_spec_validation() -> None:
         SynthesisSpec(torch.tensor([]), (3, 8, 8), 0, MEAN, STD)
     with pytest.raises(ValueError, match="mean and std"):
         SynthesisSpec(torch.tensor([0]), (3, 8, 8), 0, (0.5,), (0.5,))
+
+
+class NoiseGenerator(Parametrisation):
+    """A tiny conditional generator: what NaturalInversion optimises instead of pixels."""
+
+    def __init__(self, spec: SynthesisSpec) -> None:
+        super().__init__(spec.mean, spec.std)
+        self.register_buffer("z", torch.randn(len(spec.labels), 4, *spec.image_shape[1:]))
+        self.net = nn.Conv2d(4, spec.image_shape[0], 3, padding=1)
+
+    def forward(self) -> torch.Tensor:
+        return self.net(self.z)
+
+
+class TwoStageMethod(Synthesizer):
+    """Generator parametrisation, two stages, an auxiliary critic, guidance input."""
+
+    config_class = SynthesizerConfig
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__(teacher, SynthesizerConfig(iterations=3, lr=0.01))
+        self.seen: list[tuple[str, float]] = []
+        self.critic_steps = 0
+
+    def prepare(self, spec: SynthesisSpec) -> None:
+        self.target = spec.guidance["target_images"]
+        self.critic = nn.Linear(3, 1)
+        self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=0.1)
+
+    def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
+        self.generator = NoiseGenerator(spec)
+        self.initial = [p.detach().clone() for p in self.generator.parameters()]
+        return self.generator
+
+    def stages(self) -> list[Stage]:
+        return [Stage("warm", 2), Stage("adversarial", 3)]
+
+    def weights(self, stage: Stage) -> dict[str, float]:
+        return {"ce": 1.0, "match": 0.5, "critic": 0.0 if stage.name == "warm" else 1.0}
+
+    def loss_terms(self, ctx) -> dict[str, torch.Tensor]:
+        self.seen.append((ctx.stage.name, self.weights(ctx.stage)["critic"]))
+        critic_score = self.critic(ctx.images.mean(dim=(2, 3))).mean()
+        return {
+            "ce": torch.nn.functional.cross_entropy(ctx.logits.float(), ctx.labels),
+            "match": (ctx.images - self.target).pow(2).mean(),
+            "critic": -critic_score,
+        }
+
+    def after_step(self, ctx) -> None:  # the auxiliary network's own step, alternately
+        loss = self.critic(ctx.images.detach().mean(dim=(2, 3))).mean()
+        self.critic_optimizer.zero_grad()
+        loss.backward()
+        self.critic_optimizer.step()
+        self.critic_steps += 1
+
+
+def test_the_base_admits_generators_stages_auxiliary_networks_and_guidance() -> None:
+    method = TwoStageMethod(tiny_teacher())
+    request = spec()
+    request.guidance["target_images"] = torch.zeros(8, 3, 16, 16)
+    result = method.synthesize(request)
+    assert result.iterations == 5 and method.critic_steps == 5
+    assert method.seen == [("warm", 0.0)] * 2 + [("adversarial", 1.0)] * 3
+    assert set(result.losses) == {"ce", "match", "critic", "total"}
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(method.initial, method.generator.parameters(), strict=True)
+    ]
+    assert all(moved)  # the generator, not pixels, was optimised
+    assert result.images.shape == (8, 3, 16, 16)
