@@ -113,8 +113,6 @@ def test_config_rejects_bad_values_and_wrong_config_type() -> None:
         DeepInversionConfig(iterations=0)
     with pytest.raises(ValueError, match="precision"):
         DeepInversionConfig(precision="fp8")
-    from synthesizers import SynthesizerConfig
-
     with pytest.raises(TypeError, match="DeepInversionConfig"):
         build_synthesizer("deepinversion", tiny_teacher(), SynthesizerConfig())
 
