@@ -237,6 +237,14 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise InputError(f"{where}: {error}") from error
 
 
+SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
 def coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against the type ``hint`` (converting lists to tuples, ints to floats)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -259,20 +267,10 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise InputError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: expected a string, got {value!r}")
-        return value
+    if hint in SCALARS:
+        accepted, description = SCALARS[hint]
+        # bool is an int in Python; a YAML `true` is never a number here
+        if not isinstance(value, accepted) or (isinstance(value, bool) and hint is not bool):
+            raise InputError(f"{where}: expected {description}, got {value!r}")
+        return float(value) if hint is float else value
     raise InputError(f"{where}: unsupported field type {hint}")
