@@ -110,9 +110,14 @@ def atomic_open(url: str, options: dict[str, Any] | None = None) -> Iterator[IO[
     except BaseException:
         _discard(f, fs, target, local)
         raise
-    f.close()
-    if local:
-        os.replace(target, path)
+    try:
+        f.close()
+        if local:
+            os.replace(target, path)
+    except BaseException:
+        if local and fs.exists(target):
+            fs.rm(target)
+        raise
 
 
 def _discard(f: Any, fs: Any, target: str, local: bool) -> None:

@@ -176,3 +176,58 @@ def test_parse_resolves_the_same_plan_from_a_manifest(make_config, tmp_path: Pat
     )
     assert make_plan(again) == make_plan(make_config())
     assert config_dict("x", "y")["plan"]["num_images"] == 32
+
+
+def test_ray_retries_a_failing_shard_then_fails_clearly_and_resumes(
+    ray_cluster, make_config, tmp_path: Path
+) -> None:
+    config = make_config(
+        plan={"num_images": 48},
+        runtime={"executor": "ray", "num_workers": 2, "max_retries": 1},
+    )
+    blocker = tmp_path / "out" / "test" / "shards" / "train-000001.tar"
+    blocker.mkdir(parents=True)  # the tar cannot be renamed into place: every try fails
+    with pytest.raises(RunFailed, match=r"1 shard\(s\) failed after 2 tries .*train-000001"):
+        run_job(config)
+    shards = tmp_path / "out" / "test" / "shards"
+    assert sorted(p.name for p in shards.glob("*.json")) == [
+        "train-000000.json",
+        "train-000002.json",
+    ]
+    assert not (tmp_path / "out" / "test" / "manifest.json").exists()
+    assert not list(shards.glob("*.partial-*"))
+    blocker.rmdir()
+    assert run_job(config)["totals"]["images"] == 48
+
+
+class FakeRay:
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+@pytest.mark.parametrize(
+    ("resources", "runtime", "options", "count"),
+    [
+        ({"CPU": 16.0, "GPU": 4.0}, {}, {"num_gpus": 1.0, "num_cpus": 1.0}, 4),
+        (
+            {"CPU": 16.0, "GPU": 4.0},
+            {"gpus_per_worker": 0.5},
+            {"num_gpus": 0.5, "num_cpus": 1.0},
+            8,
+        ),
+        ({"CPU": 2.0}, {}, {"num_cpus": 1.0, "num_gpus": 0}, 2),
+        ({"CPU": 8.0}, {"cpus_per_worker": 4.0}, {"num_cpus": 4.0, "num_gpus": 0}, 2),
+        ({"CPU": 8.0, "GPU": 2.0}, {"num_workers": 1}, {"num_gpus": 1.0, "num_cpus": 1.0}, 1),
+    ],
+)
+def test_actors_use_gpus_only_when_the_cluster_has_them(
+    make_config, resources: dict, runtime: dict, options: dict, count: int
+) -> None:
+    from pipeline.runtime import RayExecutor
+
+    executor = RayExecutor(make_config(runtime=runtime), "unused")
+    executor.ray = FakeRay(resources)
+    assert executor.actor_options() == (options, count)
