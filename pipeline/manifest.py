@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import pipeline
-from pipeline.config import Config
+from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
-from pipeline.plan import ShardTask
+from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import (
     completed_shards,
     read_images,
@@ -172,9 +172,6 @@ def inspect_run(
     if not exists(join(run_url, "run.json"), options):
         raise InputError(f"{url}: not a dreamshard run (no run.json)")
     record = read_json(join(run_url, "run.json"), options)
-    from pipeline.config import parse_config
-    from pipeline.plan import make_plan
-
     plan = make_plan(parse_config(_plain(record["config"])))
     done = completed_shards(run_url, options)
     missing = [t.name for t in plan if t.name not in done]
