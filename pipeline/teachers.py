@@ -28,12 +28,6 @@ class Teacher:
     config: TeacherConfig
     digest: str
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images (B, C, H, W) -> the model's input."""
-        mean = torch.tensor(self.config.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.config.std, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
-
 
 def load_checkpoint(
     url: str, storage_options: dict[str, Any] | None = None
