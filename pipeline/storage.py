@@ -6,6 +6,7 @@ S3 options come from ``run.storage_options`` (``endpoint_url``, ``key``, ``secre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -107,16 +108,11 @@ def atomic_open(url: str, options: dict[str, Any] | None = None) -> Iterator[IO[
     f = fs.open(target, "wb")
     try:
         yield f
-    except BaseException:
-        _discard(f, fs, target, local)
-        raise
-    try:
-        f.close()
+        f.close()  # completes the upload
         if local:
             os.replace(target, path)
-    except BaseException:
-        if local and fs.exists(target):
-            fs.rm(target)
+    except BaseException:  # in the caller's block, the upload, or the rename
+        _discard(f, fs, target, local)
         raise
 
 
@@ -125,7 +121,8 @@ def _discard(f: Any, fs: Any, target: str, local: bool) -> None:
         f.discard()  # abandons an S3 multipart upload instead of completing it
         f.closed = True  # s3fs leaves it open: a later close (or __del__) would upload
     else:
-        f.close()
+        with contextlib.suppress(OSError):  # a close that already failed may fail again
+            f.close()
     if local and fs.exists(target):
         fs.rm(target)
 
@@ -138,8 +135,7 @@ def check_writable(url: str, options: dict[str, Any] | None = None) -> None:
     """
     protocol = protocol_of(url)
     if protocol == "file":
-        path = os.path.abspath(url.removeprefix("file://"))
-        probe = path
+        probe = absolute(url)
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
