@@ -132,13 +132,15 @@ def check_index(server: S3Server, manifest: dict, keys: list[str]) -> None:
         assert row["synthesizer"] == "deepinversion"
 
 
-def check_run(server: S3Server, bucket: str, manifest: dict) -> None:
+def check_run(server: S3Server, bucket: str, manifest: dict) -> list[dict]:
+    """Every check above; returns the sidecars read back."""
     check_run_objects(server, bucket, manifest)
     sidecars = check_shard_digests(server, manifest)
     assert sum(s["samples"] for s in sidecars) == manifest["totals"]["images"]
     assert manifest["totals"]["planned"] == manifest["totals"]["images"] == 32  # no filter
     keys = check_samples(read_with_webdataset(manifest), manifest)
     check_index(server, manifest, keys)
+    return sidecars
 
 
 def test_inline_run_writes_a_complete_run_to_s3(make_config, s3_server, s3_env):
@@ -182,9 +184,7 @@ def test_ray_executor_writes_a_complete_run_to_s3(make_config, s3_server, s3_env
         plan={"num_images": 32, "shard_size": 16, "batch_size": 16},
         synthesizer={"iterations": 2},
     )
-    manifest = run_job(config)
-    check_run(s3_server, bucket, manifest)
-    sidecars = check_shard_digests(s3_server, manifest)
+    sidecars = check_run(s3_server, bucket, run_job(config))
     assert all(s["device"].startswith("cpu") for s in sidecars)
 
 
