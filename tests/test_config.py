@@ -75,3 +75,10 @@ def test_unreadable_or_malformed_files(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(base_config()))
     with pytest.raises(InputError, match="expected key.path=value"):
         load_config(bad, ["plan.batch_size"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.synthesizer.name == "deepinversion"
+    assert config.plan.num_images >= config.plan.batch_size
