@@ -86,7 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int)
     evaluate.add_argument("--per-class", type=int, help="first N images of each class")
     evaluate.set_defaults(handler=cmd_teacher_eval)
+
+    for add_commands in plugin_commands():
+        add_commands(commands)
     return parser
+
+
+def plugin_commands() -> list:
+    """``add_commands(subparsers)`` functions registered under the ``dreamshard.commands``
+    entry-point group: how ``evaluation`` (which nothing here imports) adds ``eval``."""
+    from importlib.metadata import entry_points
+
+    return [entry.load() for entry in entry_points(group="dreamshard.commands")]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
