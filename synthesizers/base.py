@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from synthesizers.hooks import capture_input_statistics
+from synthesizers.hooks import capture_statistics
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.precision import autocast_dtype
 from synthesizers.spec import (
@@ -96,8 +96,10 @@ class Synthesizer:
         """The weight of every term in ``stage``."""
         raise NotImplementedError
 
+    feature_side: ClassVar[str] = "input"  # which side of each feature layer is measured
+
     def feature_layers(self) -> list[tuple[str, nn.Module]]:
-        """Layers whose input statistics the loss reads (none by default)."""
+        """Layers whose ``feature_side`` statistics the loss reads (none by default)."""
         return []
 
     def stages(self) -> list[Stage]:
@@ -173,7 +175,7 @@ class Synthesizer:
     ) -> tuple[dict[str, torch.Tensor], int]:
         final: dict[str, torch.Tensor] = {}
         done = 0
-        with capture_input_statistics(self.feature_layers()) as features:
+        with capture_statistics(self.feature_layers(), self.feature_side) as features:
             for stage in self.stages():
                 weights = self.weights(stage)
                 optimizer = self.optimizer(parametrisation, stage)

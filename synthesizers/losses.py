@@ -40,6 +40,13 @@ def statistics_distance(
     return (mean - target_mean).norm() + (var - target_var).norm()
 
 
+def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample channel mean E[x] and mean of squares E[x²] of a feature map
+    (B, C, H, W) -> (B, C), (B, C), in float32 whatever the autocast dtype."""
+    x = x.float()
+    return x.mean(dim=(2, 3)), (x * x).mean(dim=(2, 3))
+
+
 def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of a feature map (B, C, H, W) -> (C,), (C,).
 

@@ -21,7 +21,13 @@ from synthesizers import (
 )
 from synthesizers.base import weighted_total
 from synthesizers.deepinversion import DeepInversionConfig
-from synthesizers.hooks import batchnorm_layers, capture_input_statistics
+from synthesizers.hooks import (
+    batchnorm_layers,
+    capture_input_statistics,
+    capture_statistics,
+    conv_layers,
+    named_layers,
+)
 from synthesizers.losses import channel_statistics, total_variation
 from synthesizers.parametrisation import PixelImages
 
@@ -130,6 +136,29 @@ def test_hooks_capture_statistics_and_are_always_removed() -> None:
         assert torch.allclose(records[0].var, expected_var, atol=1e-5)
         raise RuntimeError("boom")
     assert all(not module._forward_hooks for _, module in layers)
+
+
+def test_per_class_and_per_sample_statistics_match_direct_computation() -> None:
+    teacher = tiny_teacher()
+    x = torch.randn(6, 3, 16, 16)
+    labels = torch.tensor([2, 0, 2, 2, 0, 1])
+    conv = conv_layers(teacher)[0]
+    with capture_statistics([conv], side="output") as (record,):
+        teacher(x)
+        output = conv[1](x)
+        mean, var, counts = record.per_class(labels, num_classes=4)
+        assert counts.tolist() == [2, 1, 3, 0]
+        for c in range(3):
+            expected_mean, expected_var = channel_statistics(output[labels == c])
+            assert torch.allclose(mean[c], expected_mean, atol=1e-5)
+            assert torch.allclose(var[c], expected_var, atol=1e-4)
+        assert not mean[3].any() and not var[3].any()
+        sample_mean, sample_var = record.per_sample()
+        expected_mean, expected_var = channel_statistics(output[4:5])
+        assert torch.allclose(sample_mean[4], expected_mean, atol=1e-5)
+        assert torch.allclose(sample_var[4], expected_var, atol=1e-4)
+    with pytest.raises(KeyError, match="valid layers"):
+        named_layers(teacher, ["0", "nope"])
 
 
 def test_weighted_total_needs_a_weight_for_every_term() -> None:
