@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
+    metadata = commands.add_parser(
+        "metadata", help="the metadata stage alone: per-class feature statistics of a source"
+    )
+    metadata.add_argument("config")
+    metadata.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config field (repeatable)",
+    )
+    metadata.set_defaults(handler=cmd_metadata)
+
     inspect = commands.add_parser("inspect", help="a run's manifest, totals, completeness")
     inspect.add_argument("url", help="the run folder (OUTPUT/RUN) or its manifest.json")
     inspect.add_argument(
@@ -112,6 +126,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"  manifest: {summary['run_url']}/manifest.json")
     print(f"  preview:  {summary['run_url']}/preview.png")
+    for label, entry in summary["totals"].get("failing_classes", {}).items():
+        print(
+            f"  class {label}: {entry['missing']} of {entry['planned']} images missing; "
+            f"{entry['passed']} of {entry['synthesized']} synthesized passed the filter "
+            f"({entry['accept_rate']:.0%})"
+        )
+    return 0
+
+
+def cmd_metadata(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.config import load_config
+    from pipeline.metadata import ensure_metadata
+    from pipeline.storage import absolute, check_writable
+    from pipeline.teachers import load_teacher
+
+    config = load_config(args.config, args.overrides)
+    if not config.metadata.configured:
+        raise InputError("metadata.source (or metadata.artifact) is not set in the config")
+    config = replace(config, run=replace(config.run, output=absolute(config.run.output)))
+    options = config.run.storage_options
+    check_writable(config.run.output, options)
+    teacher = load_teacher(config.teacher, options)
+    metadata = ensure_metadata(config, teacher)
+    info = {k: v for k, v in metadata.info.items() if k != "seeds"}
+    print(json.dumps({"artifact": metadata.url, **info}, indent=2))
     return 0
 
 

@@ -43,6 +43,7 @@ class TeacherConfig:
     image_size: int = 32
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    fuse_bn: bool = False  # fold every BN into its preceding conv (an inference-optimised net)
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -81,12 +82,57 @@ class FilterConfig:
     enabled: bool = True  # false keeps every synthesized image
     min_confidence: float = 0.5  # keep teacher confidence >= this and argmax == target
     max_attempts: int = 3  # synthesis rounds per batch, the first included
+    verifier: TeacherConfig | None = None  # a second classifier whose argmax must also agree
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+
+SCENARIOS = ("A", "B", "C", "seeds")
+
+
+@dataclass
+class MetadataConfig:
+    """Where per-target feature statistics come from (class-conditional, impression).
+
+    A: a labelled training set (class folders). B: seed images per class (class folders),
+    inference-checked. C: one seed image per class, inference-checked. seeds: a folder of
+    arbitrary seed images (or one image), each its own target, labelled with the teacher's
+    prediction on it (a seed-guided run).
+    """
+
+    source: str | None = None  # URL of the images (class folders; for seeds any images)
+    scenario: str = "A"
+    artifact: str | None = None  # use this precomputed .safetensors instead of a source
+    max_per_class: int | None = None  # cap the images read per class (A, B)
+    variations: int | None = None  # seeds: images per seed (sets plan.num_images)
+    batch_size: int = 128
+    num_workers: int | None = None  # Ray tasks collecting in parallel; None: by source size
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(
+                f"scenario must be one of {', '.join(SCENARIOS)}, got {self.scenario!r}"
+            )
+        if self.source is not None and self.artifact is not None:
+            raise ValueError("give either source or artifact, not both")
+        if self.source == "" or self.artifact == "":
+            raise ValueError("source and artifact must be URLs when given")
+        for name in ("max_per_class", "variations", "num_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.variations is not None and self.scenario != "seeds":
+            raise ValueError("variations applies to scenario seeds only")
+
+    @property
+    def configured(self) -> bool:
+        return self.source is not None or self.artifact is not None
 
 
 @dataclass
@@ -124,6 +170,7 @@ class Config:
     plan: PlanConfig
     filter: FilterConfig
     runtime: RuntimeConfig
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
     @property
     def classes(self) -> list[int]:
@@ -141,6 +188,7 @@ SECTIONS = {
     "teacher": TeacherConfig,
     "plan": PlanConfig,
     "filter": FilterConfig,
+    "metadata": MetadataConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -190,6 +238,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     config = Config(
         synthesizer=_synthesizer(_mapping(data.get("synthesizer"), "synthesizer")), **sections
     )
+    check_method(config)
     bad = [c for c in config.classes if not 0 <= c < config.teacher.num_classes]
     if bad:
         raise InputError(
@@ -198,6 +247,28 @@ def parse_config(data: dict[str, Any]) -> Config:
             f"{config.teacher.num_classes - 1})"
         )
     return config
+
+
+def check_method(config: Config) -> None:
+    """What the chosen synthesizer needs from the teacher and the metadata section."""
+    method = get_synthesizer(config.synthesizer.name)
+    if method.needs_batchnorm and config.teacher.fuse_bn:
+        raise InputError(
+            f"synthesizer {config.synthesizer.name!r} matches the statistics stored in batch-norm "
+            "layers, and teacher.fuse_bn removes them; use synthesizer.name=class-conditional, "
+            "which collects its own statistics (metadata section), or set teacher.fuse_bn=false"
+        )
+    if method.uses_metadata and not config.metadata.configured:
+        raise InputError(
+            f"synthesizer {config.synthesizer.name!r} needs feature statistics: set "
+            "metadata.source (class folders, or seed images with metadata.scenario) "
+            "or metadata.artifact"
+        )
+    if config.metadata.scenario == "seeds" and not method.uses_metadata:
+        raise InputError(
+            f"metadata.scenario=seeds guides a method that matches statistics "
+            f"(class-conditional); {config.synthesizer.name!r} does not"
+        )
 
 
 def _synthesizer(data: dict[str, Any]) -> SynthesizerSection:
@@ -255,6 +326,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         return coerce(value, options[0], where)
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        return build(hint, _mapping(value, where), where)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise InputError(f"{where}: expected a list, got {value!r}")

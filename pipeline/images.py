@@ -86,22 +86,43 @@ def decode(data: bytes, name: str, image_size: int | None = None) -> np.ndarray:
 
 def open_image_folder(url: str, storage_options: dict[str, Any] | None = None) -> ImageFolder:
     """List a class-folder image set at ``url`` (a folder, or a folder inside an archive)."""
+    entries, blobs = _list(url, storage_options)
+    return _index(url, entries, blobs, storage_options)
+
+
+def open_image_files(url: str, storage_options: dict[str, Any] | None = None) -> ImageFolder:
+    """Every image under ``url`` (a folder at any depth, a folder inside an archive, or a
+    single image file), without classes: each file's label is -1."""
+    if url.lower().endswith(IMAGE_SUFFIXES) and not ARCHIVE.match(url):
+        fs, path = filesystem(url, storage_options)
+        if not fs.isfile(path):
+            raise InputError(f"{url}: no such image file")
+        return ImageFolder(url, [], [(path, -1)], {}, dict(storage_options or {}))
+    entries, blobs = _list(url, storage_options)
+    if not entries:
+        raise InputError(f"{url}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = [(full, -1) for full, _ in sorted(entries, key=lambda e: e[1])]
+    return ImageFolder(url, [], files, blobs, dict(storage_options or {}))
+
+
+def _list(
+    url: str, storage_options: dict[str, Any] | None
+) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
+    """``(full path, path relative to the root)`` of every image under ``url``, and the
+    contents of those read from an archive."""
     match = ARCHIVE.match(url)
     if match:
-        return _from_archive(
-            match.group(1), (match.group(2) or "").strip("/"), url, storage_options
-        )
+        return _from_archive(match.group(1), (match.group(2) or "").strip("/"), storage_options)
     fs, root = filesystem(url, storage_options)
     if not fs.isdir(root):
         raise InputError(f"{url}: no such folder")
     paths = [p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
-    entries = [(p, p[len(root.rstrip("/")) + 1 :]) for p in paths]
-    return _index(url, entries, {}, storage_options)
+    return [(p, p[len(root.rstrip("/")) + 1 :]) for p in paths], {}
 
 
 def _from_archive(
-    archive: str, inner: str, url: str, options: dict[str, Any] | None
-) -> ImageFolder:
+    archive: str, inner: str, options: dict[str, Any] | None
+) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
     fs, path = filesystem(archive, options)
     if not fs.exists(path):
         raise InputError(f"{archive}: no such file")
@@ -116,8 +137,7 @@ def _from_archive(
                 and name.lower().endswith(IMAGE_SUFFIXES)
             ):
                 blobs[name] = tar.extractfile(member).read()
-    entries = [(name, name[len(prefix) :]) for name in blobs]
-    return _index(url, entries, blobs, options)
+    return [(name, name[len(prefix) :]) for name in blobs], blobs
 
 
 def _index(

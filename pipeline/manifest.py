@@ -67,8 +67,12 @@ def finalise_run(
     plan: list[ShardTask],
     teacher_digest: str,
     options: dict[str, Any] | None,
+    metadata: Any = None,
 ) -> dict[str, Any]:
-    """Index, preview and manifest (last: the manifest marks the run as complete)."""
+    """Index, preview and manifest (last: the manifest marks the run as complete).
+
+    ``metadata`` (a :class:`pipeline.metadata.Metadata`) is summarised when the run used one.
+    """
     sidecars = [read_sidecar(run_url, task.name, options) for task in plan]
     write_index(join(run_url, "index.parquet"), sidecars, config, options)
     write_preview(run_url, plan, config, options)
@@ -82,7 +86,11 @@ def finalise_run(
         "synthesized": sum(s["synthesized"] for s in sidecars),
         "seconds": round(sum(s["seconds"] for s in sidecars), 3),
         "classes": {str(k): classes[k] for k in sorted(classes)},
+        "per_class": per_class_totals(sidecars),
     }
+    failing = {k: v for k, v in totals["per_class"].items() if v["missing"]}
+    if failing:
+        totals["failing_classes"] = failing
     manifest = {
         "run_url": run_url,
         "config": resolved_config(config),
@@ -100,8 +108,29 @@ def finalise_run(
         ],
         "totals": totals,
     }
+    if metadata is not None:
+        info = metadata.info
+        manifest["metadata"] = {
+            "url": metadata.url,
+            **{k: info.get(k) for k in ("scenario", "source", "source_digest", "images", "used")},
+            "dropped": info.get("dropped", {}),
+        }
     write_json(join(run_url, "manifest.json"), manifest, options)
     return manifest
+
+
+def per_class_totals(sidecars: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per class over the shards: slots planned, written, missing; the filter's accept rate."""
+    totals: dict[str, Counter] = {}
+    for sidecar in sidecars:
+        for label, entry in sidecar.get("per_class", {}).items():
+            totals.setdefault(label, Counter()).update(entry)
+    result: dict[str, dict[str, Any]] = {}
+    for label in sorted(totals, key=int):
+        entry = dict(totals[label])
+        entry["accept_rate"] = round(entry["passed"] / max(entry["synthesized"], 1), 4)
+        result[label] = entry
+    return result
 
 
 def write_index(

@@ -27,6 +27,7 @@ class ShardTask:
     seed: int
     labels: tuple[int, ...]  # the target class of every sample slot
     batch_size: int
+    rows: tuple[int, ...] | None = None  # metadata row of every slot (None: its class)
 
     @property
     def name(self) -> str:
@@ -34,8 +35,15 @@ class ShardTask:
 
     def batches(self) -> list[list[int]]:
         """The slot labels of each batch, in order."""
-        labels = list(self.labels)
-        return [labels[i : i + self.batch_size] for i in range(0, len(labels), self.batch_size)]
+        return self._cut(self.labels)
+
+    def row_batches(self) -> list[list[int]]:
+        """The metadata row of every slot of each batch (the labels when rows are classes)."""
+        return self._cut(self.rows if self.rows is not None else self.labels)
+
+    def _cut(self, values: tuple[int, ...]) -> list[list[int]]:
+        size = self.batch_size
+        return [list(values[i : i + size]) for i in range(0, len(values), size)]
 
     def batch_seed(self, batch: int, attempt: int) -> int:
         return derive_seed(self.seed, batch, attempt)
@@ -45,17 +53,23 @@ class ShardTask:
         return f"{self.index:06d}-{slot:05d}"
 
 
-def make_plan(config: Config) -> list[ShardTask]:
-    """Class-balanced labels (sample i gets class ``classes[i % K]``), cut into shards."""
+def make_plan(config: Config, row_labels: list[int] | None = None) -> list[ShardTask]:
+    """Class-balanced labels (sample i gets class ``classes[i % K]``), cut into shards.
+
+    With ``row_labels`` (a seed-guided run: one metadata row per seed image), sample i
+    targets row ``i % R`` instead and is labelled with that row's class.
+    """
     classes = config.classes
     plan = config.plan
     tasks = []
     for index, start in enumerate(range(0, plan.num_images, plan.shard_size)):
         stop = min(start + plan.shard_size, plan.num_images)
-        labels = tuple(classes[i % len(classes)] for i in range(start, stop))
-        tasks.append(
-            ShardTask(
-                index, plan.split, derive_seed(config.run.seed, index), labels, plan.batch_size
-            )
-        )
+        seed = derive_seed(config.run.seed, index)
+        if row_labels is None:
+            labels = tuple(classes[i % len(classes)] for i in range(start, stop))
+            tasks.append(ShardTask(index, plan.split, seed, labels, plan.batch_size))
+            continue
+        rows = tuple(i % len(row_labels) for i in range(start, stop))
+        labels = tuple(row_labels[r] for r in rows)
+        tasks.append(ShardTask(index, plan.split, seed, labels, plan.batch_size, rows))
     return tasks

@@ -18,11 +18,13 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.manifest import finalise_run, record_run
+from pipeline.metadata import ensure_metadata, feature_layers
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards
 from pipeline.storage import absolute, check_writable, join
 from pipeline.teachers import load_teacher
 from pipeline.worker import ShardWorker
+from synthesizers import get_synthesizer
 
 log = logging.getLogger("dreamshard.runtime")
 
@@ -41,16 +43,26 @@ def run_job(config: Config) -> dict[str, Any]:
     options = config.run.storage_options
     check_writable(config.run.output, options)
     teacher = load_teacher(config.teacher, options)
+    feature_layers(config, teacher.model)  # unknown layer names fail before anything is written
+    metadata = None
+    if get_synthesizer(config.synthesizer.name).uses_metadata:
+        metadata = ensure_metadata(config, teacher)
+    row_labels = None
+    if config.metadata.scenario == "seeds" and metadata is not None:
+        row_labels = metadata.labels
+        if config.metadata.variations:
+            count = config.metadata.variations * metadata.rows
+            config = replace(config, plan=replace(config.plan, num_images=count))
     run_url = join(config.run.output, config.run.name)
-    plan = make_plan(config)
+    plan = make_plan(config, row_labels)
     record_run(run_url, config, teacher.digest, options)  # refuses a different config
     done = completed_shards(run_url, options)
     todo = [task for task in plan if task.name not in done]
     log.info("%d shards planned, %d already complete", len(plan), len(plan) - len(todo))
     if todo:
         executor = InlineExecutor if config.runtime.executor == "inline" else RayExecutor
-        executor(config, run_url).run(todo)
-    return finalise_run(run_url, config, plan, teacher.digest, options)
+        executor(config, run_url, metadata.url if metadata else None).run(todo)
+    return finalise_run(run_url, config, plan, teacher.digest, options, metadata)
 
 
 class Progress:
@@ -74,12 +86,13 @@ class Progress:
 class InlineExecutor:
     """Runs the shards one after another in this process (no Ray)."""
 
-    def __init__(self, config: Config, run_url: str) -> None:
+    def __init__(self, config: Config, run_url: str, metadata_url: str | None = None) -> None:
         self.config = config
         self.run_url = run_url
+        self.metadata_url = metadata_url
 
     def run(self, tasks: list[ShardTask]) -> None:
-        worker = ShardWorker(self.config, self.run_url)
+        worker = ShardWorker(self.config, self.run_url, metadata_url=self.metadata_url)
         progress = Progress(len(tasks), self.config.runtime.progress)
         failures = []
         try:
@@ -107,30 +120,36 @@ def raise_failures(failures: list[tuple[str, BaseException]], retries: int) -> N
         )
 
 
+def connect_ray(config: Config) -> Any:
+    """Ray, connected to ``runtime.address`` (or RAY_ADDRESS), else a fresh local cluster."""
+    try:
+        import ray
+    except ImportError as error:
+        raise InputError(
+            "runtime.executor is ray but Ray is not installed; "
+            "install ray[default] or set runtime.executor=inline"
+        ) from error
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return ray
+    address = config.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:  # the embedded default: a fresh local cluster on this machine
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    return ray
+
+
 class RayExecutor:
     """One actor per GPU (or per ``cpus_per_worker`` CPUs); each does whole shards."""
 
-    def __init__(self, config: Config, run_url: str) -> None:
-        try:
-            import ray
-        except ImportError as error:
-            raise InputError(
-                "runtime.executor is ray but Ray is not installed; "
-                "install ray[default] or set runtime.executor=inline"
-            ) from error
-        self.ray = ray
+    def __init__(self, config: Config, run_url: str, metadata_url: str | None = None) -> None:
         self.config = config
         self.run_url = run_url
+        self.metadata_url = metadata_url
 
     def connect(self) -> None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if self.ray.is_initialized():
-            return
-        address = self.config.runtime.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            self.ray.init(address=address, logging_level=logging.WARNING)
-        else:  # the embedded default: a fresh local cluster on this machine
-            self.ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        self.ray = connect_ray(self.config)
 
     def actor_options(self) -> tuple[dict[str, Any], int]:
         """Resources per actor and the number of actors, from the cluster's resources."""
@@ -152,7 +171,7 @@ class RayExecutor:
         actor_class = self.ray.remote(ShardWorker).options(max_restarts=0, **options)
 
         def new_actor():
-            return actor_class.remote(self.config, self.run_url, device, threads)
+            return actor_class.remote(self.config, self.run_url, device, threads, self.metadata_url)
 
         log.info("%d %s actors with %s", count, device, options)
         actors = [new_actor() for _ in range(count)]

@@ -138,7 +138,19 @@ def load_teacher(config: TeacherConfig, storage_options: dict[str, Any] | None =
             f"teacher {config.arch!r} returns {tuple(logits.shape[1:])} outputs, "
             f"expected {config.num_classes}"
         )
+    if config.fuse_bn:
+        return Teacher(fuse(model, config.arch), config, f"{digest}+fuse_bn")
     return Teacher(model, config, digest)
+
+
+def fuse(model: nn.Module, arch: str) -> nn.Module:
+    """The BN-fused copy of a teacher; InputError when some BN cannot be folded."""
+    from synthesizers.fuse import fuse_batchnorm
+
+    try:
+        return fuse_batchnorm(model)
+    except ValueError as error:
+        raise InputError(f"teacher.fuse_bn: {arch!r} cannot be fused: {error}") from error
 
 
 def save_checkpoint(model: nn.Module, config: TeacherConfig, url: str, **extra: Any) -> None:

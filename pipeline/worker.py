@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import Config, FilterConfig
+from pipeline.metadata import Metadata, load_metadata
 from pipeline.plan import ShardTask
 from pipeline.shards import Sample, shard_url, write_shard, write_sidecar
-from pipeline.teachers import load_teacher
+from pipeline.teachers import Teacher, load_teacher
 from synthesizers import SynthesisResult, SynthesisSpec, build_synthesizer
 
 log = logging.getLogger("dreamshard.worker")
@@ -31,49 +32,92 @@ class BatchOutcome:
     synthesized: int = 0
     nonfinite: list[int] = field(default_factory=list)  # seeds whose loss was NaN/inf
     seconds: float = 0.0
+    tried: Counter = field(default_factory=Counter)  # class -> images synthesized
+    passed: Counter = field(default_factory=Counter)  # class -> images that passed the filter
 
 
-def accepted(result: SynthesisResult, config: FilterConfig) -> torch.Tensor:
-    """(B,) bool: teacher confidence >= τ and argmax == target (all, when disabled)."""
+def accepted(
+    result: SynthesisResult, config: FilterConfig, verifier: Teacher | None = None
+) -> torch.Tensor:
+    """(B,) bool: teacher confidence >= τ and argmax == target, and the verifier's argmax
+    == target when one is configured (all, when the filter is disabled)."""
     if not config.enabled:
         return torch.ones(len(result.labels), dtype=torch.bool)
     confidence, predicted = result.probs.max(dim=1)
-    return (confidence >= config.min_confidence) & (predicted == result.labels)
+    keep = (confidence >= config.min_confidence) & (predicted == result.labels)
+    if verifier is not None:
+        keep &= verify(verifier, result.images) == result.labels
+    return keep
 
 
-def refill_labels(open_labels: list[int], batch: int) -> list[int]:
-    """A full-size batch for the open slots (cycled), so batch statistics stay sound."""
-    return [open_labels[i % len(open_labels)] for i in range(batch)]
+@torch.no_grad()
+def verify(verifier: Teacher, images: torch.Tensor) -> torch.Tensor:
+    """The verifier's predicted class of [0, 1] images (B, C, H, W), at its own size."""
+    spec = verifier.config
+    size = spec.image_size
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        )
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return verifier.model((images - mean) / std).argmax(dim=1)
+
+
+def refill(open_slots: list[tuple[int, int]], batch: int) -> list[tuple[int, int]]:
+    """A full-size batch of (label, row) for the open slots (cycled), so batch statistics
+    stay sound."""
+    return [open_slots[i % len(open_slots)] for i in range(batch)]
 
 
 class ShardWorker:
     """Holds one teacher and one synthesizer; turns shard tasks into shards."""
 
     def __init__(
-        self, config: Config, run_url: str, device: str | None = None, threads: int | None = None
+        self,
+        config: Config,
+        run_url: str,
+        device: str | None = None,
+        threads: int | None = None,
+        metadata_url: str | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.config = config
         self.run_url = run_url
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.teacher = load_teacher(config.teacher, config.run.storage_options)
+        options = config.run.storage_options
+        self.teacher = load_teacher(config.teacher, options)
         self.synthesizer = build_synthesizer(
             config.synthesizer.name, self.teacher.model, config.synthesizer.params, self.device
         )
+        self.metadata: Metadata | None = None
+        if metadata_url is not None:
+            self.metadata = load_metadata(metadata_url, options)
+        verifier = config.filter.verifier
+        self.verifier = load_teacher(verifier, options) if verifier else None
 
-    def spec(self, labels: list[int], seed: int) -> SynthesisSpec:
+    def spec(self, labels: list[int], seed: int, rows: list[int] | None = None) -> SynthesisSpec:
         t = self.config.teacher
+        guidance = self.metadata.guidance(rows or labels) if self.metadata else {}
         return SynthesisSpec(
             torch.tensor(labels, dtype=torch.int64),
             (3, t.image_size, t.image_size),
             seed,
             t.mean,
             t.std,
+            guidance,
         )
 
-    def synthesize_batch(self, task: ShardTask, batch: int, labels: list[int]) -> BatchOutcome:
-        """Synthesize one batch; re-synthesize rejected slots up to ``max_attempts``."""
+    def synthesize_batch(
+        self, task: ShardTask, batch: int, labels: list[int], rows: list[int] | None = None
+    ) -> BatchOutcome:
+        """Synthesize one batch; re-synthesize rejected slots up to ``max_attempts``.
+
+        ``rows`` are the metadata rows of the slots (seed-guided runs); by default a
+        slot's row is its class.
+        """
+        rows = rows or labels
         filter_config = self.config.filter
         outcome = BatchOutcome(samples=[None] * len(labels))
         offset = batch * task.batch_size  # slot index of the batch's first sample
@@ -82,19 +126,24 @@ class ShardWorker:
             open_slots = [i for i, s in enumerate(outcome.samples) if s is None]
             if not open_slots:
                 break
-            targets = (
-                labels
-                if attempt == 0
-                else refill_labels([labels[i] for i in open_slots], len(labels))
-            )
+            targets = list(zip(labels, rows, strict=True))
+            if attempt:
+                targets = refill([targets[i] for i in open_slots], len(labels))
             seed = task.batch_seed(batch, attempt)
-            result = self.synthesizer.synthesize(self.spec(targets, seed))
+            target_labels = [label for label, _ in targets]
+            target_rows = [row for _, row in targets]
+            result = self.synthesizer.synthesize(self.spec(target_labels, seed, target_rows))
             outcome.attempts += 1
             outcome.synthesized += len(targets)
+            outcome.tried.update(target_labels)
             if not all(math.isfinite(v) for v in result.losses.values()):
                 outcome.nonfinite.append(seed)
                 continue
-            self._fill(task, outcome, labels, offset, open_slots, result, seed, attempt)
+            keep = accepted(result, filter_config, self.verifier)
+            outcome.passed.update(result.labels[keep].tolist())
+            self._fill(
+                task, outcome, rows, offset, open_slots, result, keep, target_rows, seed, attempt
+            )
         outcome.seconds = time.perf_counter() - start
         return outcome
 
@@ -102,28 +151,31 @@ class ShardWorker:
         self,
         task: ShardTask,
         outcome: BatchOutcome,
-        labels: list[int],
+        rows: list[int],
         offset: int,
         open_slots: list[int],
         result: SynthesisResult,
+        keep: torch.Tensor,
+        target_rows: list[int],
         seed: int,
         attempt: int,
     ) -> None:
-        keep = accepted(result, self.config.filter)
+        """Give each open slot an accepted image of its row (class, or seed image)."""
         images = (result.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         confidence = result.probs.max(dim=1).values
         logits = result.logits.float().numpy()
         candidates: dict[int, list[int]] = {}
         for j in torch.nonzero(keep).flatten().tolist():
-            candidates.setdefault(int(result.labels[j]), []).append(j)
+            candidates.setdefault(target_rows[j], []).append(j)
         losses = {k: round(v, 6) for k, v in result.losses.items()}
         for slot in open_slots:
-            pool = candidates.get(labels[slot])
+            pool = candidates.get(rows[slot])
             if not pool:
                 continue
             j = pool.pop(0)
+            label = int(result.labels[j])
             info = {
-                "label": labels[slot],
+                "label": label,
                 "confidence": round(float(confidence[j]), 6),
                 "synthesizer": self.config.synthesizer.name,
                 "seed": seed,
@@ -131,10 +183,12 @@ class ShardWorker:
                 "index_in_batch": j,
                 "losses": losses,
             }
+            if task.rows is not None and self.metadata is not None:
+                info["seed_image"] = self.metadata.info["seeds"][rows[slot]]["seed"]
             outcome.samples[slot] = Sample(
                 task.key(offset + slot),
                 images[j],
-                labels[slot],
+                label,
                 info,
                 logits[j] if self.config.plan.store_logits else None,
             )
@@ -146,13 +200,35 @@ class ShardWorker:
         attempts = synthesized = 0
         nonfinite: list[int] = []
         synthesis_seconds = 0.0
-        for batch, labels in enumerate(task.batches()):
-            outcome = self.synthesize_batch(task, batch, labels)
+        tried: Counter = Counter()
+        passed: Counter = Counter()
+        for batch, (labels, rows) in enumerate(
+            zip(task.batches(), task.row_batches(), strict=True)
+        ):
+            outcome = self.synthesize_batch(task, batch, labels, rows)
             samples += [s for s in outcome.samples if s is not None]
             attempts += outcome.attempts
             synthesized += outcome.synthesized
             nonfinite += outcome.nonfinite
             synthesis_seconds += outcome.seconds
+            tried += outcome.tried
+            passed += outcome.passed
+        per_class = per_class_rates(task.labels, samples, tried, passed)
+        for label, entry in per_class.items():
+            if entry["missing"]:
+                log.warning(
+                    "shard %s: class %s: %d of %d slots still rejected after %d attempts "
+                    "(%d of %d synthesized images passed the filter); lower "
+                    "filter.min_confidence, or raise synthesizer.iterations or "
+                    "filter.max_attempts",
+                    task.name,
+                    label,
+                    entry["missing"],
+                    entry["planned"],
+                    self.config.filter.max_attempts,
+                    entry["passed"],
+                    entry["synthesized"],
+                )
         options = self.config.run.storage_options
         sha256, size = write_shard(shard_url(self.run_url, task.name), samples, options)
         stats = {
@@ -165,6 +241,7 @@ class ShardWorker:
             "attempts": attempts,
             "nonfinite_seeds": nonfinite,
             "classes": {str(k): v for k, v in sorted(Counter(s.label for s in samples).items())},
+            "per_class": per_class,
             "seed": task.seed,
             "seconds": round(time.perf_counter() - start, 3),
             "synthesis_seconds": round(synthesis_seconds, 3),
@@ -177,6 +254,25 @@ class ShardWorker:
         return stats
 
     def device_name(self) -> str:
+        """The device in words, for the sidecar."""
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def per_class_rates(
+    planned: tuple[int, ...], samples: list[Sample], tried: Counter, passed: Counter
+) -> dict[str, dict[str, int]]:
+    """Per class: slots planned and filled, images synthesized and passing the filter."""
+    want = Counter(planned)
+    got = Counter(s.label for s in samples)
+    return {
+        str(label): {
+            "planned": want[label],
+            "written": got[label],
+            "missing": want[label] - got[label],
+            "synthesized": tried[label],
+            "passed": passed[label],
+        }
+        for label in sorted(want)
+    }

@@ -64,6 +64,8 @@ class Synthesizer:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[SynthesizerConfig]] = SynthesizerConfig
+    uses_metadata: ClassVar[bool] = False  # needs per-target statistics (the metadata stage)
+    needs_batchnorm: ClassVar[bool] = False  # reads BN running statistics (no fused teacher)
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ def batchnorm_statistics_loss(features: list, multipliers: list[float]) -> torch
 class DeepInversion(Synthesizer):
     config_class = DeepInversionConfig
     config: DeepInversionConfig
+    needs_batchnorm = True
 
     def __init__(
         self,

@@ -58,6 +58,17 @@ def spec(seed: int = 1, batch: int = 8) -> SynthesisSpec:
     return SynthesisSpec(torch.arange(batch) % 4, (3, 16, 16), seed, MEAN, STD)
 
 
+def metadata_guidance(synth: Synthesizer, classes: int = 4, seed: int = 3) -> dict:
+    """Per-class statistics of the layers ``synth`` reads, from random "source" images."""
+    torch.manual_seed(seed)
+    images, labels = torch.rand(4 * classes, 3, 16, 16), torch.arange(4 * classes) % classes
+    layers = synth.feature_layers()
+    with torch.no_grad(), capture_statistics(layers, synth.feature_side) as records:
+        synth.teacher((images - torch.tensor(MEAN).view(1, 3, 1, 1)) / 0.25)
+        statistics = {r.name: r.per_class(labels, classes)[:2] for r in records}
+    return {"class_statistics": statistics}
+
+
 def test_registry_lists_valid_names_on_unknown() -> None:
     assert "deepinversion" in synthesizer_names()
     with pytest.raises(KeyError, match="valid names: .*deepinversion"):
@@ -68,7 +79,10 @@ def test_registry_lists_valid_names_on_unknown() -> None:
 def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
     method = get_synthesizer(name)
     synth = build_synthesizer(name, tiny_teacher(), method.config_class(iterations=2))
-    result = synth.synthesize(spec())
+    request = spec()
+    if method.uses_metadata:
+        request.guidance.update(metadata_guidance(synth))
+    result = synth.synthesize(request)
     assert result.images.shape == (8, 3, 16, 16)
     assert result.images.min() >= 0 and result.images.max() <= 1
     assert torch.allclose(result.images * 255, (result.images * 255).round(), atol=1e-4)

@@ -1,0 +1,448 @@
+"""The metadata stage: per-target feature statistics of source images, stored once.
+
+For every target (a class; in seed-guided runs, a seed image) and every layer the
+synthesizer reads, the channel mean and variance of the feature maps over all the
+target's source images (pooled over images and pixels, which is what the loss
+measures on a batch). Scenarios (``metadata.scenario``):
+
+- ``A``: a labelled training set (class folders); every image counts.
+- ``B``: seed images per class (class folders); seeds the teacher does not classify as
+  their class are dropped and counted.
+- ``C``: one seed image per class (class folders), checked like B.
+- ``seeds``: arbitrary seed images (a folder or one file); each is its own target,
+  labelled with the teacher's prediction on it.
+
+The artifact is ``{output}/metadata/{key}.safetensors`` (tensors ``{layer}.mean`` and
+``{layer}.var`` of shape (R, C), ``count`` and ``label`` of shape (R,)) with a json
+beside it; ``key`` is derived from the teacher's digest, the source's digest and the
+layers, so a second run with the same inputs reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.images import ImageFolder, decode, open_image_files, open_image_folder
+from pipeline.storage import atomic_open, exists, filesystem, join, read_bytes, read_json
+from pipeline.teachers import Teacher, load_teacher
+from synthesizers import build_synthesizer
+from synthesizers.hooks import capture_statistics
+
+log = logging.getLogger("dreamshard.metadata")
+
+FORMAT = "dreamshard-metadata/1"
+PARALLEL_FROM = 2048  # sources at least this large are collected by Ray tasks
+
+
+@dataclass
+class Metadata:
+    """Per-target statistics, ready to be handed to a synthesizer as guidance."""
+
+    url: str
+    statistics: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (R, C) mean, var
+    labels: list[int]  # the class of each row
+    counts: list[int]  # images behind each row
+    info: dict[str, Any] = field(default_factory=dict)  # the json beside the artifact
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+    def guidance(self, rows: list[int]) -> dict[str, Any]:
+        return {
+            "class_statistics": self.statistics,
+            "statistics_index": torch.tensor(rows, dtype=torch.int64),
+        }
+
+
+@dataclass
+class Sums:
+    """Running per-row sums of per-image moments (float64), mergeable across tasks."""
+
+    first: dict[str, torch.Tensor]  # layer -> (R, C) Σ E[x]
+    second: dict[str, torch.Tensor]  # layer -> (R, C) Σ E[x²]
+    count: torch.Tensor  # (R,)
+    dropped: dict[int, int] = field(default_factory=dict)  # class -> seeds dropped
+    predictions: list[int] = field(default_factory=list)  # per image, in order
+
+    def merge(self, other: Sums) -> Sums:
+        for name in self.first:
+            self.first[name] += other.first[name]
+            self.second[name] += other.second[name]
+        self.count += other.count
+        for label, n in other.dropped.items():
+            self.dropped[label] = self.dropped.get(label, 0) + n
+        self.predictions += other.predictions
+        return self
+
+
+def feature_layers(config: Config, teacher: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The layers (and side) the configured synthesizer reads; InputError on bad names."""
+    try:
+        synthesizer = build_synthesizer(
+            config.synthesizer.name, teacher, config.synthesizer.params, "cpu"
+        )
+    except KeyError as error:  # unknown layer names
+        raise InputError(f"synthesizer.layers: {error.args[0]}") from error
+    except ValueError as error:
+        raise InputError(f"synthesizer {config.synthesizer.name!r}: {error}") from error
+    return synthesizer.feature_layers(), synthesizer.feature_side
+
+
+def ensure_metadata(config: Config, teacher: Teacher) -> Metadata:
+    """Load the configured artifact, or reuse or collect the one for this source."""
+    options = config.run.storage_options
+    layers, side = feature_layers(config, teacher.model)
+    names = [name for name, _ in layers]
+    section = config.metadata
+    if section.artifact:
+        metadata = load_metadata(section.artifact, options)
+        check_artifact(metadata, teacher.digest, names, section.artifact)
+        return metadata
+    source = open_source(config)
+    key = artifact_key(teacher.digest, source_digest(source), section, names, side, config)
+    url = join(config.run.output, "metadata", f"{key}.safetensors")
+    if exists(url, options):
+        metadata = load_metadata(url, options)
+        check_artifact(metadata, teacher.digest, names, url)
+        log.info("metadata: reusing %s", url)
+        return metadata
+    start = time.perf_counter()
+    sums = collect(config, teacher, source, layers, side)
+    metadata = finish(config, teacher, source, sums, names, side, url)
+    metadata.info["seconds"] = round(time.perf_counter() - start, 3)
+    save_metadata(metadata, options)
+    log.info("metadata: %d rows from %d images -> %s", metadata.rows, sum(metadata.counts), url)
+    return metadata
+
+
+def open_source(config: Config) -> ImageFolder:
+    """The source images, with each file's class index (-1 for seeds)."""
+    section, teacher = config.metadata, config.teacher
+    options = config.run.storage_options
+    if section.scenario == "seeds":
+        return open_image_files(section.source, options)
+    folder = open_image_folder(section.source, options).subset(section.max_per_class)
+    indices = class_indices(folder.classes, teacher.num_classes, section.source)
+    files = [(path, indices[label]) for path, label in folder.files]
+    if section.scenario == "C":
+        per_class: dict[int, int] = {}
+        for _, label in files:
+            per_class[label] = per_class.get(label, 0) + 1
+        crowded = {c: n for c, n in per_class.items() if n > 1}
+        if crowded:
+            label, n = next(iter(sorted(crowded.items())))
+            raise InputError(
+                f"metadata.source {section.source}: scenario C takes one seed image per class, "
+                f"class {label} has {n}; use scenario B for several seeds per class"
+            )
+    missing = sorted(set(config.classes) - {label for _, label in files})
+    if missing:
+        raise InputError(
+            f"metadata.source {section.source} has no images for class(es) {missing[:10]} "
+            "that plan.classes asks for; add class folders for them or narrow plan.classes"
+        )
+    return ImageFolder(folder.url, folder.classes, files, folder.blobs, folder.storage_options)
+
+
+def class_indices(names: list[str], num_classes: int, url: str | None) -> list[int]:
+    """Class folder names -> the teacher's class indices: integers are taken as indices,
+    otherwise the folders, sorted, must be the teacher's classes in order."""
+    if all(name.isdigit() for name in names):
+        indices = [int(name) for name in names]
+        bad = [i for i in indices if i >= num_classes]
+        if bad:
+            raise InputError(
+                f"metadata.source {url}: class folder(s) {bad[:5]} outside the teacher's "
+                f"{num_classes} classes"
+            )
+        return indices
+    if len(names) != num_classes:
+        raise InputError(
+            f"metadata.source {url}: {len(names)} class folders but the teacher has "
+            f"{num_classes} classes; name folders by class index (0, 1, …) for a subset"
+        )
+    return list(range(num_classes))
+
+
+def source_digest(source: ImageFolder) -> str:
+    """sha256 over every file's path, class and size (contents for archive members)."""
+    digest = hashlib.sha256(source.url.encode())
+    if source.blobs:
+        sizes = {path: len(source.blobs[path]) for path, _ in source.files}
+    else:
+        fs, _ = filesystem(source.url, source.storage_options)
+        paths = [path for path, _ in source.files]
+        sizes = dict(zip(paths, fs.sizes(paths), strict=True))
+    for path, label in source.files:
+        digest.update(f"{path}\0{label}\0{sizes[path]}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def artifact_key(
+    teacher_digest: str,
+    source: str,
+    section: Any,
+    names: list[str],
+    side: str,
+    config: Config,
+) -> str:
+    parts = [
+        FORMAT,
+        teacher_digest,
+        source,
+        section.scenario,
+        side,
+        *names,
+        str(config.teacher.image_size),
+        str(config.teacher.mean),
+        str(config.teacher.std),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def collect(
+    config: Config,
+    teacher: Teacher,
+    source: ImageFolder,
+    layers: list[tuple[str, nn.Module]],
+    side: str,
+) -> Sums:
+    """Sums over the source, in this process or in parallel Ray tasks for large ones."""
+    files = source.files
+    workers = config.metadata.num_workers
+    if workers is None:
+        workers = 2 if len(files) >= PARALLEL_FROM and config.runtime.executor == "ray" else 1
+    if workers == 1 or len(files) < 2:
+        return collect_files(config, teacher.model, source, files, layers, side)
+    return collect_parallel(config, source, workers, [name for name, _ in layers], side)
+
+
+def rows_of(config: Config, files: list[tuple[str, int]]) -> int:
+    return len(files) if config.metadata.scenario == "seeds" else config.teacher.num_classes
+
+
+def collect_files(
+    config: Config,
+    model: nn.Module,
+    source: ImageFolder,
+    files: list[tuple[str, int]],
+    layers: list[tuple[str, nn.Module]],
+    side: str,
+    first_row: int = 0,
+    total_rows: int | None = None,
+) -> Sums:
+    """Per-row sums of per-image moments over ``files``, with the inference check.
+
+    Rows are classes, or (scenario seeds) the files themselves, numbered from
+    ``first_row``. Scenarios B and C drop images the teacher puts in another class.
+    """
+    t = config.teacher
+    scenario = config.metadata.scenario
+    rows = total_rows if total_rows is not None else rows_of(config, source.files)
+    mean = torch.tensor(t.mean).view(1, 3, 1, 1)
+    std = torch.tensor(t.std).view(1, 3, 1, 1)
+    first = {name: torch.zeros(rows, 0, dtype=torch.float64) for name, _ in layers}
+    second = dict(first)
+    sums = Sums(first, second, torch.zeros(rows, dtype=torch.float64))
+    batch = config.metadata.batch_size
+    with torch.no_grad(), capture_statistics(layers, side) as records:
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
+            arrays = [decode(source.read(path), path, t.image_size) for path, _ in chunk]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+            predicted = model((images - mean) / std).argmax(dim=1)
+            labels = torch.tensor([label for _, label in chunk])
+            if scenario == "seeds":
+                targets = torch.arange(first_row + start, first_row + start + len(chunk))
+                keep = torch.ones(len(chunk), dtype=torch.bool)
+            else:
+                targets = labels
+                keep = (
+                    predicted == labels
+                    if scenario in ("B", "C")
+                    else torch.ones(len(chunk), dtype=torch.bool)
+                )
+                for label in labels[~keep].tolist():
+                    sums.dropped[label] = sums.dropped.get(label, 0) + 1
+            sums.predictions += predicted.tolist()
+            one_hot = torch.nn.functional.one_hot(targets[keep], rows).to(torch.float64)
+            for record in records:
+                m1, m2 = (m[keep].to(torch.float64) for m in record.moments)
+                if sums.first[record.name].shape[1] == 0:
+                    channels = m1.shape[1]
+                    sums.first[record.name] = torch.zeros(rows, channels, dtype=torch.float64)
+                    sums.second[record.name] = torch.zeros(rows, channels, dtype=torch.float64)
+                sums.first[record.name] += one_hot.t() @ m1
+                sums.second[record.name] += one_hot.t() @ m2
+            sums.count += one_hot.sum(dim=0)
+    return sums
+
+
+def collect_parallel(
+    config: Config, source: ImageFolder, workers: int, names: list[str], side: str
+) -> Sums:
+    """Split the files into ``workers`` chunks collected by Ray tasks; add the sums."""
+    from pipeline.runtime import connect_ray
+
+    ray = connect_ray(config)
+    rows = rows_of(config, source.files)
+    size = math.ceil(len(source.files) / workers)
+    remote = ray.remote(_collect_chunk).options(num_cpus=config.runtime.cpus_per_worker)
+    refs = []
+    for start in range(0, len(source.files), size):
+        files = source.files[start : start + size]
+        blobs = {path: source.blobs[path] for path, _ in files if path in source.blobs}
+        chunk = ImageFolder(source.url, source.classes, files, blobs, source.storage_options)
+        refs.append(remote.remote(config, chunk, names, side, start, rows))
+    log.info("metadata: %d images in %d Ray tasks", len(source.files), len(refs))
+    results = ray.get(refs)
+    total = results[0]
+    for sums in results[1:]:
+        total.merge(sums)
+    return total
+
+
+def _collect_chunk(
+    config: Config, chunk: ImageFolder, names: list[str], side: str, first_row: int, rows: int
+) -> Sums:
+    """A Ray task: load the teacher, collect the sums of one chunk of the source."""
+    torch.set_num_threads(max(1, int(config.runtime.cpus_per_worker)))
+    teacher = load_teacher(config.teacher, config.run.storage_options)
+    layers, side = feature_layers(config, teacher.model)
+    return collect_files(config, teacher.model, chunk, chunk.files, layers, side, first_row, rows)
+
+
+def finish(
+    config: Config,
+    teacher: Teacher,
+    source: ImageFolder,
+    sums: Sums,
+    names: list[str],
+    side: str,
+    url: str,
+) -> Metadata:
+    """Means and variances from the sums; InputError when a class lost every seed."""
+    scenario = config.metadata.scenario
+    count = sums.count
+    if scenario in ("B", "C"):
+        empty = [c for c in config.classes if count[c] == 0]
+        if empty:
+            c = empty[0]
+            raise InputError(
+                f"metadata.source {source.url}: the teacher classifies none of the "
+                f"{sums.dropped.get(c, 0)} seed image(s) of class {c} as class {c}"
+                f"{_class_name(source, c)}; use different seeds for it, or scenario C with "
+                "one seed the teacher recognises"
+            )
+    statistics = {}
+    for name in names:
+        denominator = count.clamp_min(1.0)[:, None]
+        mean = sums.first[name] / denominator
+        var = (sums.second[name] / denominator - mean * mean).clamp_min(0.0)
+        statistics[name] = (mean.float(), var.float())
+    if scenario == "seeds":
+        labels = sums.predictions
+        rows = [
+            {"row": i, "seed": path, "label": labels[i]} for i, (path, _) in enumerate(source.files)
+        ]
+    else:
+        labels = list(range(config.teacher.num_classes))
+        rows = []
+    info = {
+        "format": FORMAT,
+        "teacher_digest": teacher.digest,
+        "teacher_arch": config.teacher.arch,
+        "fused": config.teacher.fuse_bn,
+        "source": source.url,
+        "source_digest": source_digest(source),
+        "scenario": scenario,
+        "images": len(source.files),
+        "used": int(count.sum()),
+        "dropped": {str(k): v for k, v in sorted(sums.dropped.items())},
+        "counts": [int(c) for c in count],
+        "labels": labels,
+        "layers": names,
+        "side": side,
+        "image_size": config.teacher.image_size,
+        "seeds": rows,
+    }
+    return Metadata(url, statistics, labels, [int(c) for c in count], info)
+
+
+def _class_name(source: ImageFolder, index: int) -> str:
+    if len(source.classes) > index and not source.classes[index].isdigit():
+        return f" ({source.classes[index]})"
+    return ""
+
+
+def save_metadata(metadata: Metadata, options: dict[str, Any] | None) -> None:
+    """The safetensors artifact, then its json (a complete pair, each written atomically)."""
+    tensors = {}
+    for name, (mean, var) in metadata.statistics.items():
+        tensors[f"{name}.mean"] = mean.contiguous()
+        tensors[f"{name}.var"] = var.contiguous()
+    tensors["count"] = torch.tensor(metadata.counts, dtype=torch.int64)
+    tensors["label"] = torch.tensor(metadata.labels, dtype=torch.int64)
+    header = {"format": FORMAT, "teacher_digest": metadata.info["teacher_digest"]}
+    with atomic_open(metadata.url, options) as f:
+        f.write(save_safetensors(tensors, metadata=header))
+    with atomic_open(_json_url(metadata.url), options) as f:
+        f.write(json.dumps(metadata.info, indent=2).encode())
+
+
+def load_metadata(url: str, options: dict[str, Any] | None) -> Metadata:
+    """Read an artifact (and its json when present); InputError if it is not one."""
+    try:
+        data = read_bytes(url, options)
+    except FileNotFoundError as error:
+        raise InputError(f"metadata.artifact {url}: no such file") from error
+    try:
+        tensors = load_safetensors(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get(
+            "__metadata__", {}
+        )
+    except Exception as error:
+        raise InputError(f"metadata.artifact {url}: not a safetensors file ({error})") from error
+    if header.get("format") != FORMAT or "label" not in tensors:
+        raise InputError(f"metadata.artifact {url}: not a dreamshard metadata artifact")
+    info = read_json(_json_url(url), options) if exists(_json_url(url), options) else {}
+    info.setdefault("teacher_digest", header.get("teacher_digest"))
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors if key.endswith(".mean")})
+    statistics = {name: (tensors[f"{name}.mean"], tensors[f"{name}.var"]) for name in names}
+    labels = tensors["label"].tolist()
+    return Metadata(url, statistics, labels, tensors["count"].tolist(), info)
+
+
+def check_artifact(metadata: Metadata, digest: str, names: list[str], url: str) -> None:
+    computed_for = metadata.info.get("teacher_digest")
+    if computed_for != digest:
+        raise InputError(
+            f"metadata.artifact {url} was computed for teacher {computed_for}, but this "
+            f"teacher is {digest}; collect metadata for this teacher "
+            "(metadata.source) or point at its own artifact"
+        )
+    missing = [name for name in names if name not in metadata.statistics]
+    if missing:
+        raise InputError(
+            f"metadata.artifact {url} has no statistics for layer(s) {missing[:5]} that "
+            f"the synthesizer reads; it holds {sorted(metadata.statistics)[:10]}"
+        )
+
+
+def _json_url(url: str) -> str:
+    return url.removesuffix(".safetensors") + ".json"
