@@ -84,10 +84,13 @@ def decode(data: bytes, name: str, image_size: int | None = None) -> np.ndarray:
         raise InputError(f"{name}: not a readable image ({error})") from error
 
 
-def open_image_folder(url: str, storage_options: dict[str, Any] | None = None) -> ImageFolder:
-    """List a class-folder image set at ``url`` (a folder, or a folder inside an archive)."""
+def open_image_folder(
+    url: str, storage_options: dict[str, Any] | None = None, min_classes: int = 2
+) -> ImageFolder:
+    """List a class-folder image set at ``url`` (a folder, or a folder inside an archive)
+    holding at least ``min_classes`` classes."""
     entries, blobs = _list(url, storage_options)
-    return _index(url, entries, blobs, storage_options)
+    return _index(url, entries, blobs, storage_options, min_classes)
 
 
 def open_image_files(url: str, storage_options: dict[str, Any] | None = None) -> ImageFolder:
@@ -145,6 +148,7 @@ def _index(
     entries: list[tuple[str, str]],
     blobs: dict[str, bytes],
     options: dict[str, Any] | None,
+    min_classes: int = 2,
 ) -> ImageFolder:
     """Build the class list from ``(full path, path relative to the root)`` pairs."""
     by_class: dict[str, list[str]] = {}
@@ -152,10 +156,10 @@ def _index(
         parts = relative.split("/")
         if len(parts) == 2:
             by_class.setdefault(parts[0], []).append(full)
-    if len(by_class) < 2:
+    if len(by_class) < min_classes:
         raise InputError(
-            f"{url}: found {len(by_class)} class folder(s) holding images; "
-            "expected ROOT/<class>/<image> with at least two classes"
+            f"{url}: found {len(by_class)} class folder(s) holding images; expected "
+            f"ROOT/<class>/<image> with at least {min_classes} class(es)"
         )
     classes = sorted(by_class)
     files = [(path, index) for index, name in enumerate(classes) for path in sorted(by_class[name])]

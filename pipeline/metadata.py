@@ -136,7 +136,8 @@ def open_source(config: Config) -> ImageFolder:
     options = config.run.storage_options
     if section.scenario == "seeds":
         return open_image_files(section.source, options)
-    folder = open_image_folder(section.source, options).subset(section.max_per_class)
+    folder = open_image_folder(section.source, options, min_classes=1)
+    folder = folder.subset(section.max_per_class)
     indices = class_indices(folder.classes, teacher.num_classes, section.source)
     files = [(path, indices[label]) for path, label in folder.files]
     if section.scenario == "C":
