@@ -152,7 +152,7 @@ def measure(method: str, run: Path, manifest: dict, judge, tau: float, wall: flo
     labels = torch.tensor([info["label"] for info in infos])
     confidence = torch.tensor([info["confidence"] for info in infos])
     arrays = [decode(s["png"], s["__key__"]) for s in samples]
-    images = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
+    images = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrays])
     judged = torch.tensor(predict(judge, images))
     sidecars = [json.loads(p.read_text()) for p in run.glob("shards/*.json")]
     synthesis = sum(s["synthesis_seconds"] for s in sidecars)

@@ -268,3 +268,24 @@ def test_scenario_a_on_the_shared_resnet20_with_a_few_cifar_images(
     mean, var = metadata.statistics[layer]
     assert mean.shape == var.shape == (10, 64) and (var > 0).any()
     assert not torch.allclose(mean[0], mean[1])  # class-conditional, not one global average
+
+
+def test_parallel_collection_in_ray_tasks_equals_one_process(
+    cc_config, ray_cluster, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    images = random_images(30, seed=6)
+    for c in range(10):
+        save(tmp_path / "train" / f"class{c}", images[3 * c : 3 * c + 3])
+    config = cc_config(tmp_path / "train", num_workers=3, batch_size=4)
+    config = replace(config, runtime=replace(config.runtime, executor="ray"))
+    teacher = load_teacher(config.teacher)
+    parallel = ensure_metadata(config, teacher)
+    single = replace(config, metadata=replace(config.metadata, num_workers=1))
+    single = replace(single, run=replace(single.run, output=str(tmp_path / "other")))
+    inline = ensure_metadata(single, teacher)
+    assert parallel.counts == inline.counts == [3] * 10
+    for name, (mean, var) in inline.statistics.items():
+        assert torch.allclose(parallel.statistics[name][0], mean, atol=1e-5)
+        assert torch.allclose(parallel.statistics[name][1], var, atol=1e-4)
