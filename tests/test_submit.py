@@ -169,9 +169,7 @@ def test_submit_runs_on_the_cluster_with_its_own_credentials(
     info = JobSubmissionClient(head.address).get_job_info(job_id)
     texts = {
         "submit output": (out + err).encode(),
-        "job info": json.dumps(
-            info.dict() if hasattr(info, "dict") else vars(info), default=str
-        ).encode(),
+        "job info": json.dumps(info.model_dump(), default=str).encode(),
         "jobs status": status.encode(),
         "job log": logs.encode(),
     }
