@@ -9,6 +9,7 @@ does nothing: metrics never decide whether a run works.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("dreamshard.metrics")
@@ -66,27 +67,39 @@ def _get() -> ShardMetrics | None:
     return _metrics
 
 
+def _safely(record: Callable[[ShardMetrics], None]) -> None:
+    """Record, unless Ray is absent here; a metrics error is logged, never raised."""
+    try:
+        metrics = _get()
+        if metrics is not None:
+            record(metrics)
+    except Exception as error:  # metrics must never fail a shard
+        log.warning("could not record metrics: %s", error)
+
+
 def tags(run: str, synthesizer: str) -> dict[str, str]:
     return {"run": run, "synthesizer": synthesizer}
 
 
 def record_shard(stats: dict[str, Any], run: str, synthesizer: str) -> None:
     """Count one written shard from its sidecar ``stats``."""
-    metrics = _get()
-    if metrics is None:
-        return
     labels = tags(run, synthesizer)
-    counts = ((metrics.synthesized, stats["synthesized"]), (metrics.accepted, stats["accepted"]))
-    for counter, value in counts:
-        if value > 0:  # Ray counters refuse an increment of 0
-            counter.inc(value, tags=labels)
-    metrics.shards.inc(1, tags=labels)
-    write = max(0.0, stats["seconds"] - stats["synthesis_seconds"])
-    metrics.write_seconds.observe(write, tags=labels)
+
+    def record(metrics: ShardMetrics) -> None:
+        counts = (
+            (metrics.synthesized, stats["synthesized"]),
+            (metrics.accepted, stats["accepted"]),
+        )
+        for counter, value in counts:
+            if value > 0:  # Ray counters refuse an increment of 0
+                counter.inc(value, tags=labels)
+        metrics.shards.inc(1, tags=labels)
+        write = max(0.0, stats["seconds"] - stats["synthesis_seconds"])
+        metrics.write_seconds.observe(write, tags=labels)
+
+    _safely(record)
 
 
 def record_failure(run: str, synthesizer: str) -> None:
     """Count one failed shard try."""
-    metrics = _get()
-    if metrics is not None:
-        metrics.failures.inc(1, tags=tags(run, synthesizer))
+    _safely(lambda metrics: metrics.failures.inc(1, tags=tags(run, synthesizer)))

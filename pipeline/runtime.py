@@ -71,7 +71,11 @@ def run_job(config: Config) -> dict[str, Any]:
 
 class Progress:
     """Shards, images, accept rate and ETA: a tqdm bar on a terminal; elsewhere (batch
-    jobs, Ray Jobs logs, CI) one plain line every ``interval`` seconds and at the end."""
+    jobs, Ray Jobs logs, CI) one plain line every ``interval`` seconds and at the end.
+
+    Any long stage can use it: ``unit`` names what is counted, and ``update()`` without
+    shard stats just counts one more.
+    """
 
     def __init__(
         self,
@@ -80,6 +84,7 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "shards",
     ) -> None:
         self.stream = stream or sys.stderr
         self.total, self.done = total, 0
@@ -88,14 +93,17 @@ class Progress:
         self.lines = enabled and not self.tty
         self.interval, self.clock = interval, clock
         self.start = self.last = clock()
-        self.reported = -1  # shards done at the last line written
-        self.bar = tqdm(total=total, unit="shard", disable=not self.tty, file=self.stream)
+        self.reported = -1  # units done at the last line written
+        self.unit = unit
+        self.bar = tqdm(total=total, unit=unit, disable=not self.tty, file=self.stream)
 
-    def update(self, stats: dict) -> None:
+    def update(self, stats: dict | None = None) -> None:
+        """One more unit done; ``stats`` (a shard's sidecar) adds images and accept rate."""
         self.done += 1
-        self.images += stats["samples"]
-        self.synthesized += stats["synthesized"]
-        self.bar.set_postfix(images=self.images, accept=f"{self.accept_rate:.0%}")
+        if stats is not None:
+            self.images += stats["samples"]
+            self.synthesized += stats["synthesized"]
+            self.bar.set_postfix(images=self.images, accept=f"{self.accept_rate:.0%}")
         self.bar.update(1)
         if self.lines and self.clock() - self.last >= self.interval:
             self.write_line()
@@ -107,10 +115,12 @@ class Progress:
     def line(self) -> str:
         elapsed = self.clock() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        images = (
+            f"{self.images} images, accept {self.accept_rate:.0%}, " if self.synthesized else ""
+        )
         return (
-            f"progress: {self.done}/{self.total} shards, {self.images} images, "
-            f"accept {self.accept_rate:.0%}, elapsed {duration(elapsed)}, "
-            f"ETA {duration(eta) if eta is not None else '?'}"
+            f"progress: {self.done}/{self.total} {self.unit}, {images}"
+            f"elapsed {duration(elapsed)}, ETA {duration(eta) if eta is not None else '?'}"
         )
 
     def write_line(self) -> None:

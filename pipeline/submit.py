@@ -54,7 +54,7 @@ def job_address(address: str | None) -> str:
         raise InputError("--address is required (the dashboard URL, e.g. http://HOST:8265)")
     if "://" not in address and address != "auto":
         address = f"http://{address}"
-    if not address.startswith(("http://", "https://")):
+    if not address.startswith(("http://", "https://")):  # auto, ray://…
         raise InputError(
             f"--address {address!r}: the Ray Jobs API needs the dashboard's http(s) URL, "
             "e.g. http://HOST:8265 (not a ray:// client address or 'auto')"
@@ -89,8 +89,7 @@ def connect(address: str | None) -> Any:
 
 def check_credentials(config: Config) -> None:
     """Refuse credentials in the config: they would be stored and shown by the cluster."""
-    options = config.run.storage_options
-    secret = sorted(k for k, v in redact(options).items() if v == "***" and options[k] != "***")
+    secret = secret_fields(config.run.storage_options, redact(config.run.storage_options))
     if secret:
         raise InputError(
             f"run.storage_options.{secret[0]}: credentials are never sent with a job (Ray "
@@ -101,11 +100,23 @@ def check_credentials(config: Config) -> None:
         )
 
 
+def secret_fields(options: dict[str, Any], redacted: dict[str, Any], where: str = "") -> list[str]:
+    """Dotted names of the values :func:`redact` hides (nested mappings included)."""
+    found = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            found += secret_fields(value, redacted[key], f"{where}{key}.")
+        elif redacted[key] != value:
+            found.append(f"{where}{key}")
+    return sorted(found)
+
+
 def job_config(config: Config, staging: Path) -> dict[str, Any]:
     """The config the job runs, as plain data; a local checkpoint file is carried along."""
     from pipeline.config import parse_config
 
     data = json.loads(json.dumps(config.to_dict()))
+    data["runtime"]["address"] = None  # the driver joins the cluster it runs on (RAY_ADDRESS)
     checkpoint = config.teacher.checkpoint
     if protocol_of(checkpoint) == "file" and os.path.isfile(checkpoint.removeprefix("file://")):
         carried = staging / "teacher" / Path(checkpoint).name

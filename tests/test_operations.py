@@ -65,6 +65,15 @@ def test_progress_off_a_tty_writes_periodic_plain_lines() -> None:
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d dreamshard progress", lines[0])
 
 
+def test_progress_counts_any_stage() -> None:
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress(3, enabled=True, stream=stream, interval=0, clock=clock, unit="classes")
+    clock.now = 90
+    progress.update()
+    progress.close()
+    assert stream.getvalue().endswith("progress: 1/3 classes, elapsed 1m30s, ETA 3m00s\n")
+
+
 def test_progress_disabled_writes_nothing() -> None:
     stream = io.StringIO()
     progress = Progress(2, enabled=False, stream=stream, interval=0)

@@ -64,6 +64,10 @@ def test_unreachable_address_fails_within_seconds(tmp_path, teacher_checkpoint, 
         ("plan.batch_size=0", "plan: batch_size must be positive"),
         ("run.name=nightly-{day}", "unknown placeholder {day}"),
         ("run.storage_options={secret: s3cr3t}", "run.storage_options.secret: credentials"),
+        (
+            "run.storage_options={client_kwargs: {aws_secret_access_key: s3cr3t}}",
+            "run.storage_options.client_kwargs.aws_secret_access_key: credentials",
+        ),
     ],
 )
 def test_bad_config_is_rejected_before_connecting(
@@ -81,7 +85,11 @@ def test_the_job_carries_the_resolved_config_and_checkpoint_but_no_credentials(
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DECOY_SECRET)
     path = write_config(
-        tmp_path, "s3://bucket/runs", teacher_checkpoint, run={"name": "nightly-{date}"}
+        tmp_path,
+        "s3://bucket/runs",
+        teacher_checkpoint,
+        run={"name": "nightly-{date}"},
+        runtime={"address": "ray://laptop-tunnel:10001"},
     )
     submitted = dt.datetime(2026, 11, 21, 23, 59, 30, tzinfo=dt.timezone.utc)
     config = resolve_run_name(load_config(path), submitted)
@@ -92,6 +100,7 @@ def test_the_job_carries_the_resolved_config_and_checkpoint_but_no_credentials(
     # a job that starts after midnight still writes the night it was submitted for
     assert carried["run"]["name"] == metadata["dreamshard_run"] == "nightly-2026-11-21"
     assert carried["teacher"]["checkpoint"] == "teacher/resnet20-random.pt"
+    assert carried["runtime"]["address"] is None  # the job joins the cluster it runs on
     assert (staging / "teacher" / "resnet20-random.pt").read_bytes() == Path(
         teacher_checkpoint
     ).read_bytes()
