@@ -62,6 +62,13 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def metric_samples(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
@@ -108,7 +115,8 @@ def main() -> None:
         metrics = metric_samples(head.metrics_url)
     median = {way: statistics.median(values) for way, values in times.items()}
     result = {
-        "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+        "device": f"CPU, {os.cpu_count()} cores ({cpu_name()})",
+        "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "config": CONFIG,

@@ -34,7 +34,7 @@ import yaml
 
 from pipeline.errors import InputError
 from pipeline.nightly import resolve_run_name
-from pipeline.storage import join, protocol_of, redact
+from pipeline.storage import absolute, join, protocol_of, redact
 
 if TYPE_CHECKING:  # the CLI imports this module to register commands: keep it light
     from pipeline.config import Config
@@ -117,11 +117,13 @@ def job_config(config: Config, staging: Path) -> dict[str, Any]:
 
     data = json.loads(json.dumps(config.to_dict()))
     data["runtime"]["address"] = None  # the driver joins the cluster it runs on (RAY_ADDRESS)
-    checkpoint = config.teacher.checkpoint
-    if protocol_of(checkpoint) == "file" and os.path.isfile(checkpoint.removeprefix("file://")):
+    # a relative path would land in the job's temporary working_dir on the cluster
+    data["run"]["output"] = absolute(config.run.output)
+    checkpoint = data["teacher"]["checkpoint"] = absolute(config.teacher.checkpoint)
+    if protocol_of(checkpoint) == "file" and os.path.isfile(checkpoint):
         carried = staging / "teacher" / Path(checkpoint).name
         carried.parent.mkdir(parents=True)
-        shutil.copyfile(checkpoint.removeprefix("file://"), carried)
+        shutil.copyfile(checkpoint, carried)
         data["teacher"]["checkpoint"] = f"teacher/{carried.name}"  # in the job's working_dir
     parse_config(json.loads(json.dumps(data)))  # what the job will read must still validate
     return data
@@ -132,11 +134,11 @@ def local_path_notes(config: Config) -> list[str]:
     notes = []
     if protocol_of(config.run.output) == "file":
         notes.append(
-            f"run.output {config.run.output} is a local path: every node of the cluster must "
-            "see it (a shared filesystem); use s3://… otherwise"
+            f"run.output {absolute(config.run.output)} is a local path: every node of the "
+            "cluster must see it (a shared filesystem); use s3://… otherwise"
         )
-    checkpoint = config.teacher.checkpoint
-    if protocol_of(checkpoint) == "file" and not os.path.isfile(checkpoint.removeprefix("file://")):
+    checkpoint = absolute(config.teacher.checkpoint)
+    if protocol_of(checkpoint) == "file" and not os.path.isfile(checkpoint):
         notes.append(f"teacher.checkpoint {checkpoint} is not here: it must exist on the cluster")
     return notes
 
@@ -156,7 +158,7 @@ def stage(
         runtime_env["excludes"] = ["__pycache__", "*.pyc"]
     metadata = {
         "dreamshard_run": config.run.name,
-        "dreamshard_output": join(config.run.output, config.run.name),
+        "dreamshard_output": join(data["run"]["output"], config.run.name),
     }
     return f"python -m pipeline.cli run {CONFIG_NAME}", runtime_env, metadata
 

@@ -10,6 +10,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,12 @@ def test_the_job_carries_the_resolved_config_and_checkpoint_but_no_credentials(
     staging = tmp_path / "staging"
     staging.mkdir()
     entrypoint, runtime_env, metadata = stage(config, staging)
+    # relative local paths are this machine's, not the job's temporary working_dir
+    monkeypatch.chdir(tmp_path)
+    relative = replace(config, run=replace(config.run, output="outputs"))
+    (tmp_path / "again").mkdir()
+    _, _, again = stage(relative, tmp_path / "again")
+    assert again["dreamshard_output"] == f"{tmp_path}/outputs/nightly-2026-11-21"
     carried = yaml.safe_load((staging / CONFIG_NAME).read_text())
     # a job that starts after midnight still writes the night it was submitted for
     assert carried["run"]["name"] == metadata["dreamshard_run"] == "nightly-2026-11-21"
@@ -129,7 +136,7 @@ def secret_free(texts: dict[str, bytes], secrets: list[str]) -> list[str]:
 def metric_value(head: RayHead, name: str, seconds: float = 30.0) -> float:
     """Sum of a metric's samples on the head's Prometheus endpoint (waits for export)."""
     deadline = time.monotonic() + seconds
-    pattern = re.compile(rf"^ray_{name}(?:_total)?\{{[^}}]*\}} ([0-9.e+]+)$", re.M)
+    pattern = re.compile(rf"^ray_{name}_total\{{[^}}]*\}} ([0-9.e+]+)$", re.M)
     while True:
         with urllib.request.urlopen(head.metrics_url, timeout=5) as response:
             found = pattern.findall(response.read().decode())
