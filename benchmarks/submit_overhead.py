@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def main() -> None:
             )
         time.sleep(3)  # one more metrics export interval
         metrics = metric_samples(head.metrics_url)
+    shutil.rmtree(work, ignore_errors=True)
     median = {way: statistics.median(values) for way, values in times.items()}
     result = {
         "device": f"CPU, {os.cpu_count()} cores ({cpu_name()})",
