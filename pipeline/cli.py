@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-class", type=int, help="first N images of each class")
     evaluate.set_defaults(handler=cmd_teacher_eval)
 
+    from pipeline import nightly, submit
+
+    submit.add_commands(commands)
+    nightly.add_commands(commands)
     for add_commands in plugin_commands():
         add_commands(commands)
     return parser
@@ -116,16 +120,11 @@ def plugin_commands() -> list:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.runtime import run_job
+    from pipeline.runtime import format_summary, run_job
 
     config = load_config(args.config, args.overrides)
     summary = run_job(config)
-    print(
-        f"wrote {summary['totals']['images']} images in {len(summary['shards'])} shards to "
-        f"{summary['run_url']}"
-    )
-    print(f"  manifest: {summary['run_url']}/manifest.json")
-    print(f"  preview:  {summary['run_url']}/preview.png")
+    print(format_summary(summary))
     for label, entry in summary["totals"].get("failing_classes", {}).items():
         print(
             f"  class {label}: {entry['missing']} of {entry['planned']} images missing; "

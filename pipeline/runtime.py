@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -19,6 +22,8 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.manifest import finalise_run, record_run
 from pipeline.metadata import ensure_metadata, feature_layers
+from pipeline.metrics import record_failure
+from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards
 from pipeline.storage import absolute, check_writable, join
@@ -34,7 +39,10 @@ class RunFailed(RuntimeError):
 
 
 def run_job(config: Config) -> dict[str, Any]:
-    """Run the whole job for ``config``; returns the manifest."""
+    """Run the whole job for ``config``; returns the manifest (with ``this_run``: what
+    this invocation did, for the summary)."""
+    started = time.monotonic()
+    config = resolve_run_name(config)  # {date}/{datetime}, unless a submission pinned it
     config = replace(
         config,
         run=replace(config.run, output=absolute(config.run.output)),
@@ -62,25 +70,113 @@ def run_job(config: Config) -> dict[str, Any]:
     if todo:
         executor = InlineExecutor if config.runtime.executor == "inline" else RayExecutor
         executor(config, run_url, metadata.url if metadata else None).run(todo)
-    return finalise_run(run_url, config, plan, teacher.digest, options, metadata)
+    manifest = finalise_run(run_url, config, plan, teacher.digest, options, metadata)
+    written = {task.name for task in todo}
+    manifest["this_run"] = {
+        "shards_written": len(todo),
+        "shards_resumed": len(plan) - len(todo),
+        "images": sum(s["samples"] for s in manifest["shards"] if s["name"] in written),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    return manifest
 
 
 class Progress:
-    """Shards, images, accept rate and ETA on one line."""
+    """Shards, images, accept rate and ETA: a tqdm bar on a terminal; elsewhere (batch
+    jobs, Ray Jobs logs, CI) one plain line every ``interval`` seconds and at the end.
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, unit="shard", disable=not enabled, dynamic_ncols=True)
+    Any long stage can use it: ``unit`` names what is counted, and ``update()`` without
+    shard stats just counts one more.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        enabled: bool,
+        stream: TextIO | None = None,
+        interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        unit: str = "shards",
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.total, self.done = total, 0
         self.images = self.synthesized = 0
+        self.tty = enabled and self.stream.isatty()
+        self.lines = enabled and not self.tty
+        self.interval, self.clock = interval, clock
+        self.start = self.last = clock()
+        self.reported = -1  # units done at the last line written
+        self.unit = unit
+        self.bar = tqdm(total=total, unit=unit, disable=not self.tty, file=self.stream)
 
-    def update(self, stats: dict) -> None:
-        self.images += stats["samples"]
-        self.synthesized += stats["synthesized"]
-        rate = self.images / max(self.synthesized, 1)
-        self.bar.set_postfix(images=self.images, accept=f"{rate:.0%}")
+    def update(self, stats: dict | None = None) -> None:
+        """One more unit done; ``stats`` (a shard's sidecar) adds images and accept rate."""
+        self.done += 1
+        if stats is not None:
+            self.images += stats["samples"]
+            self.synthesized += stats["synthesized"]
+            self.bar.set_postfix(images=self.images, accept=f"{self.accept_rate:.0%}")
         self.bar.update(1)
+        if self.lines and self.clock() - self.last >= self.interval:
+            self.write_line()
+
+    @property
+    def accept_rate(self) -> float:
+        return self.images / max(self.synthesized, 1)
+
+    def line(self) -> str:
+        elapsed = self.clock() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        images = (
+            f"{self.images} images, accept {self.accept_rate:.0%}, " if self.synthesized else ""
+        )
+        return (
+            f"progress: {self.done}/{self.total} {self.unit}, {images}"
+            f"elapsed {duration(elapsed)}, ETA {duration(eta) if eta is not None else '?'}"
+        )
+
+    def write_line(self) -> None:
+        self.last, self.reported = self.clock(), self.done
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{stamp} dreamshard {self.line()}", file=self.stream, flush=True)
 
     def close(self) -> None:
         self.bar.close()
+        if self.lines and self.reported != self.done:  # the final state, unless just written
+            self.write_line()
+
+
+def duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3725`` -> ``1h02m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """The end-of-run summary the CLI prints (from :func:`run_job`'s return value)."""
+    totals, url = manifest["totals"], manifest["run_url"]
+    lines = [f"wrote {totals['images']} images in {len(manifest['shards'])} shards to {url}"]
+    this_run = manifest.get("this_run")
+    if this_run:
+        rate = this_run["images"] / max(this_run["seconds"], 1e-9)
+        lines.append(
+            f"  this run: {this_run['shards_written']} shards written, "
+            f"{this_run['shards_resumed']} already complete, {duration(this_run['seconds'])} "
+            f"({rate:.2f} images/s)"
+        )
+    accept = totals["images"] / max(totals["synthesized"], 1)
+    counts = list(totals["classes"].values()) or [0]
+    lines += [
+        f"  accepted {totals['images']} of {totals['synthesized']} synthesized ({accept:.0%}); "
+        f"images per class {min(counts)}-{max(counts)}",
+        f"  manifest: {url}/manifest.json",
+        f"  preview:  {url}/preview.png",
+    ]
+    return "\n".join(lines)
 
 
 class InlineExecutor:
@@ -103,6 +199,7 @@ class InlineExecutor:
                         break
                     except Exception as error:  # retried, then reported
                         log.warning("shard %s failed (try %d): %s", task.name, attempt + 1, error)
+                        record_failure(self.config.run.name, self.config.synthesizer.name)
                         last = error
                 else:
                     failures.append((task.name, last))
@@ -203,6 +300,7 @@ class RayExecutor:
                     if isinstance(cause, InputError):
                         raise cause from error
                     tries[task.name] = tries.get(task.name, 0) + 1
+                    record_failure(self.config.run.name, self.config.synthesizer.name)
                     log.warning("shard %s failed (try %d): %s", task.name, tries[task.name], error)
                     if tries[task.name] > retries:
                         failures.append((task.name, error))

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import Config, FilterConfig
 from pipeline.metadata import Metadata, load_metadata
+from pipeline.metrics import record_shard
 from pipeline.plan import ShardTask
 from pipeline.shards import Sample, shard_url, write_shard, write_sidecar
 from pipeline.teachers import Teacher, load_teacher
@@ -251,6 +252,7 @@ class ShardWorker:
             "index": [[s.key, s.label, s.info["confidence"], s.info["seed"]] for s in samples],
         }
         write_sidecar(self.run_url, task.name, stats, options)
+        record_shard(stats, self.config.run.name, self.config.synthesizer.name)
         return stats
 
     def device_name(self) -> str:

@@ -1,0 +1,178 @@
+"""A real Ray head for Jobs API tests: ``ray start --head --block`` as a child process.
+
+Every port is a free one on 127.0.0.1 (two local Ray nodes otherwise clash, e.g. on the
+dashboard agent's 52365), its session files live in a private temporary folder, and the
+head is stopped by terminating the process this fixture started (never ``ray stop``,
+which would end every Ray on the machine). The head's environment is the cluster's
+own: ``env`` passes storage credentials to it the way a Kubernetes Secret would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from seaweed import PORT_RANGE, free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+START_SECONDS = 90.0
+STOP_SECONDS = 20.0
+PORTS = (
+    "port",
+    "dashboard-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+)
+
+
+@dataclass
+class RayHead:
+    process: subprocess.Popen
+    temp_dir: Path
+    ports: dict[str, int]
+
+    @property
+    def address(self) -> str:
+        """The Jobs API (dashboard) URL."""
+        return f"http://127.0.0.1:{self.ports['dashboard-port']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics-export-port']}/metrics"
+
+    def log_files(self) -> Iterator[Path]:
+        """Every file the head's session wrote (logs, uploaded packages, job records)."""
+        for path in sorted(self.temp_dir.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+    def log_tail(self, lines: int = 30) -> str:
+        out = self.temp_dir / "head.out"
+        return "\n".join(out.read_text(errors="replace").splitlines()[-lines:])
+
+
+def head_command(temp_dir: Path, ports: dict[str, int], workers: tuple[int, int]) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--object-store-memory=200000000",
+        f"--temp-dir={temp_dir}",
+        f"--min-worker-port={workers[0]}",
+        f"--max-worker-port={workers[1]}",
+        "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
+
+
+def head_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without AWS_*/RAY_* (the head gets only what ``extra`` gives)."""
+    own = ("AWS_", "RAY_", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),  # the job imports this checkout, as it would on a cluster image
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_metrics_report_interval_ms="1000",
+    )
+    env.update(extra)
+    return env
+
+
+def wait_ready(head: RayHead, deadline: float) -> None:
+    """Until the job agent accepts a job (it answers a few seconds after the dashboard)."""
+    from ray.job_submission import JobSubmissionClient
+
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if head.process.poll() is not None:
+            raise RuntimeError(f"ray start exited {head.process.returncode}:\n{head.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{head.address}/api/version", timeout=2):
+                pass
+            client = JobSubmissionClient(head.address)
+            job = client.submit_job(entrypoint="echo ready")
+            while str(client.get_job_status(job).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+                time.sleep(0.5)
+            return
+        except Exception as error:  # not up yet
+            last = f"{type(error).__name__}: {error}"
+        time.sleep(1.0)
+    raise RuntimeError(f"the Ray head did not accept jobs in {START_SECONDS:.0f} s ({last})")
+
+
+def own_processes(temp_dir: Path) -> list[int]:
+    """Processes of this head (their command lines name its private temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+def stop_head(head: RayHead) -> None:
+    if head.process.poll() is None:
+        head.process.send_signal(signal.SIGTERM)
+        try:
+            head.process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            head.process.kill()
+            head.process.wait(STOP_SECONDS)
+    deadline = time.monotonic() + STOP_SECONDS
+    while own_processes(head.temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in own_processes(head.temp_dir):  # stragglers of this head only, by id
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[RayHead]:
+    """Start a head with ``env`` added to its environment; always stop it."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh-"))  # short: Ray's socket paths must be short
+    rng = random.Random()
+    ports = dict(zip(PORTS, free_ports(len(PORTS), rng), strict=True))
+    first = rng.randrange(PORT_RANGE[1] + 300, 32768 - 300)  # below the ephemeral range
+    workers = (first, first + 200)
+    with open(temp_dir / "head.out", "wb") as out:
+        process = subprocess.Popen(
+            head_command(temp_dir, ports, workers),
+            env=head_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=temp_dir,
+            start_new_session=True,
+        )
+    head = RayHead(process, temp_dir, ports)
+    try:
+        wait_ready(head, time.monotonic() + START_SECONDS)
+        yield head
+    finally:
+        stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
