@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from synthesizers import deepinversion  # noqa: F401  (registers the method)
+from synthesizers import (
+    deepinversion,  # noqa: F401  (registers the method)
+    impression,  # noqa: F401  (registers the method)
+)
 from synthesizers.base import Synthesizer
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.registry import SYNTHESIZERS, get_synthesizer, register, synthesizer_names

@@ -64,11 +64,28 @@ def test_registry_lists_valid_names_on_unknown() -> None:
         get_synthesizer("deep-inversion")
 
 
+def impression_guidance(teacher: nn.Module, request: SynthesisSpec) -> dict:
+    """Class codes of random images, as the metadata stage would give them."""
+    from synthesizers.impression import class_codes, encode, template_layers
+
+    images = torch.randn(8, *request.image_shape)
+    codes, _ = encode(teacher, images, template_layers(teacher))
+    return {"class_statistics": class_codes(codes, torch.arange(8) % 4, 4)[0]}
+
+
+# methods that cannot run without guidance, and how to make an example of it
+EXAMPLE_GUIDANCE = {"impression": impression_guidance}
+
+
 @pytest.mark.parametrize("name", sorted(SYNTHESIZERS))
 def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
     method = get_synthesizer(name)
-    synth = build_synthesizer(name, tiny_teacher(), method.config_class(iterations=2))
-    result = synth.synthesize(spec())
+    teacher = tiny_teacher()
+    synth = build_synthesizer(name, teacher, method.config_class(iterations=2))
+    request = spec()
+    if name in EXAMPLE_GUIDANCE:
+        request.guidance.update(EXAMPLE_GUIDANCE[name](teacher, request))
+    result = synth.synthesize(request)
     assert result.images.shape == (8, 3, 16, 16)
     assert result.images.min() >= 0 and result.images.max() <= 1
     assert torch.allclose(result.images * 255, (result.images * 255).round(), atol=1e-4)
