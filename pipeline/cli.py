@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-class", type=int, help="first N images of each class")
     evaluate.set_defaults(handler=cmd_teacher_eval)
 
+    from pipeline.impression_commands import add_commands as impression_commands
+
+    impression_commands(commands)
+
     for add_commands in plugin_commands():
         add_commands(commands)
     return parser
