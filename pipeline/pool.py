@@ -46,9 +46,13 @@ def protocol_prefix(url: str) -> str:
 
 
 def list_pool(
-    url: str, options: dict[str, Any] | None = None, files_per_task: int = 1024
+    url: str,
+    options: dict[str, Any] | None = None,
+    files_per_task: int = 1024,
+    where: str = "retrieval.pool",
 ) -> list[PoolTask]:
-    """The tasks of the pool at ``url``; :class:`InputError` when it holds no image."""
+    """The tasks of the pool at ``url``; :class:`InputError` (naming the config field
+    ``where``) when it holds no image."""
     fs, path = filesystem(url, options)
     prefix = protocol_prefix(url)
     if any(c in url for c in GLOB_CHARACTERS):
@@ -56,20 +60,20 @@ def list_pool(
         files: list[str] = []
     elif url.lower().endswith(TAR_SUFFIXES):
         if not fs.isfile(path):
-            raise InputError(f"retrieval pool {url}: no such file")
+            raise InputError(f"{where}: {url}: no such file")
         return [PoolTask(0, url)]
     elif fs.isdir(path):
         found = sorted(fs.find(path))
         tars = [p for p in found if p.lower().endswith(TAR_SUFFIXES)]
         files = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     else:
-        raise InputError(f"retrieval pool {url}: no such folder or file")
+        raise InputError(f"{where}: {url}: no such folder or file")
     tasks = [PoolTask(i, prefix + p if prefix else p) for i, p in enumerate(tars)]
     for start in range(0, len(files), files_per_task):
         tasks.append(PoolTask(len(tasks), url, tuple(files[start : start + files_per_task])))
     if not tasks:
         raise InputError(
-            f"retrieval pool {url}: empty (no image files, no .tar/.tar.gz shards); "
+            f"{where}: {url} is empty (no image files, no .tar/.tar.gz shards); "
             f"images end in {', '.join(IMAGE_SUFFIXES)}"
         )
     return tasks

@@ -166,3 +166,52 @@ def test_guidance_is_checked() -> None:
                 {"class_statistics": target},
             )
         )
+
+
+def test_cli_translate_writes_translated_shards(teacher_checkpoint, tmp_path, capsys) -> None:
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    for folder, count in (("source", 6), ("target", 4)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            image = rng.integers(0, 256 if folder == "target" else 64, (32, 32, 3), np.uint8)
+            Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "source" / "broken.jpg").write_bytes(b"nope")
+    config = {
+        "run": {"name": "tr", "output": str(tmp_path / "out")},
+        "teacher": {"arch": "resnet20", "checkpoint": teacher_checkpoint},
+        "synthesizer": {"name": "impression", "iterations": 3, "content_weight": 1e-4},
+        "runtime": {"progress": False},
+        "plan": {"batch_size": 4, "shard_size": 4},
+        "translation": {"source": str(tmp_path / "source"), "target": str(tmp_path / "target")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    (tmp_path / "empty").mkdir()
+    assert main(["translate", str(path), "--set", f"translation.target={tmp_path / 'empty'}"]) == 2
+    assert "translation.target: " in capsys.readouterr().err
+    config["synthesizer"] = {"name": "deepinversion"}
+    (tmp_path / "di.yaml").write_text(json.dumps(config))
+    assert main(["translate", str(tmp_path / "di.yaml")]) == 2
+    assert "synthesizer.name: impression" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    config["synthesizer"] = {"name": "impression", "iterations": 3, "content_weight": 1e-4}
+    assert main(["translate", str(path)]) == 0
+    assert "wrote 6 images in 2 shards" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "tr" / "translation.json").read_text())
+    assert manifest["totals"]["source_skipped"] == 1
+    urls = [shard["url"] for shard in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb"))
+    assert len(samples) == 6
+    assert {s["json"]["source"].rsplit("/", 1)[-1] for s in samples} == {
+        f"{i}.png" for i in range(6)
+    }
+    assert all(set(s["json"]["losses"]) == {"impression", "content", "total"} for s in samples)
+    assert all(int(s["cls"]) == int(np.argmax(s["logits.npy"])) for s in samples)
