@@ -12,18 +12,22 @@ Two measurements, one process:
 
 1. Scoring pass: every pool task is streamed and encoded as the stage's workers do
    (decode, resize, bf16 autocast where the CPU has it), keeping every code; images/s
-   of that pass is the scoring throughput. From those codes, the selection of n_t images
-   for every n_l, for global and per-class selection and for mean+variance (Eq. 5) and
-   mean-only (Eq. 1) codes, against random selection (5 seeds): precision (fraction of
-   the selected images that are CIFAR-10) and class balance (the true classes of the
-   selected CIFAR-10 images: fewest, most, entropy / log 10).
+   of that pass is the scoring throughput. After each batch's encoding the same batch
+   goes once more through the bare teacher (no hooks, same precision), so the cost of
+   the codes is also given as a ratio measured side by side. From those codes, the
+   selection of n_t images for every n_l, for global and per-class selection and for
+   mean+variance (Eq. 5) and mean-only (Eq. 1) codes, against random selection (5
+   seeds): precision (fraction of the selected images that are CIFAR-10) and class
+   balance (the true classes of the selected CIFAR-10 images: fewest, most, entropy /
+   log 10).
 2. The stage end to end (``run_retrieval``, inline executor: scoring pass, re-read,
    teacher labels, shards, manifest) for n_l = 20, global: wall time, pool images/s,
    and whether its selection equals the one computed in pass 1.
 
 Run from the repository root (about 5 minutes on 2 CPU cores)::
 
-    python benchmarks/retrieval_selection.py --json benchmarks/results/cpu-retrieval-selection.json
+    python benchmarks/retrieval_selection.py --threads 1 \
+        --json benchmarks/results/cpu-retrieval-selection.json
 """
 
 from __future__ import annotations
@@ -176,20 +180,36 @@ def config_for(work: Path, pool: Path, labeled: Path, args: argparse.Namespace, 
     )
 
 
-def score_pool(config) -> tuple[list[str], torch.Tensor, torch.Tensor, float]:
-    """Every pool image's key, flat code (Eq. 5) and its mean-only part, and seconds."""
+def score_pool(config) -> tuple[list[str], torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Every pool image's key, flat code (Eq. 5) and its mean-only part, and seconds:
+    the whole pass, reading + decoding, encoding, and (side by side, batch by batch) a
+    plain forward pass of the teacher on the same batch, in the same precision."""
     worker = PoolWorker(config, "unused", torch.zeros(1, 1))
     keys, codes, means = [], [], []
-    start = time.perf_counter()
+    seconds = {"total": 0.0, "read_decode": 0.0, "encode": 0.0, "plain_forward": 0.0}
+    start = mark = time.perf_counter()
     for task in list_pool(config.retrieval.pool):
         for _, names, images in worker.batches(task):
-            batch, _ = encode(
-                worker.model, worker.normalised(images), worker.layers, len(images), worker.dtype
-            )
+            seconds["read_decode"] += time.perf_counter() - mark
+            x = worker.normalised(images)
+            mark = time.perf_counter()
+            batch, _ = encode(worker.model, x, worker.layers, len(images), worker.dtype)
             keys += [n.rsplit(".", 1)[0] for n in names]
             codes.append(flatten(batch).cpu())
             means.append(flatten(batch, mean_only=True).cpu())
-    return keys, torch.cat(codes), torch.cat(means), time.perf_counter() - start
+            seconds["encode"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    "cpu", dtype=worker.dtype or torch.float32, enabled=worker.dtype is not None
+                ),
+            ):
+                worker.model(x)
+            seconds["plain_forward"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+    seconds["total"] = time.perf_counter() - start - seconds["plain_forward"]
+    return keys, torch.cat(codes), torch.cat(means), seconds
 
 
 def select(codes: torch.Tensor, targets: torch.Tensor, n: int) -> list[int]:
@@ -251,8 +271,11 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="retrieval-bench-") as tmp:
         work = Path(tmp)
@@ -261,9 +284,15 @@ def main() -> None:
         keys, codes, means, seconds = score_pool(config)
         result["scoring"] = {
             "images": len(keys),
-            "seconds": round(seconds, 2),
-            "images_per_s": round(len(keys) / seconds, 1),
             "code_size": codes.shape[1],
+            "precision": str(PoolWorker(config, "unused", torch.zeros(1, 1)).dtype or "fp32"),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "images_per_s": round(len(keys) / seconds["total"], 1),
+            "encode_images_per_s": round(len(keys) / seconds["encode"], 1),
+            "plain_forward_images_per_s": round(len(keys) / seconds["plain_forward"], 1),
+            "encode_over_plain_forward_time": round(
+                seconds["encode"] / seconds["plain_forward"], 3
+            ),
         }
         print(json.dumps(result["scoring"]))
         rows = []
@@ -334,6 +363,7 @@ def main() -> None:
             "teacher_label_histogram": manifest["totals"]["classes"],
         }
         print(json.dumps(result["stage"]))
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -314,3 +314,29 @@ def test_cli_retrieve_exits_2_on_bad_input_and_0_on_success(
     assert main(["retrieve", str(path)]) == 0
     assert "wrote 3 images in 1 shards" in capsys.readouterr().out
     assert len(list(stream(list_pool(str(pool))[0]))) == 6
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pool": ""}, "pool and labeled are required"),
+        ({"labeled_per_class": 2, "labeled_total": 5}, "not both"),
+        ({"num_select": 0}, "num_select must be positive"),
+        ({"selection": "nearest"}, "selection must be global or per_class"),
+        ({"layers": []}, "layers must be a non-empty list"),
+        ({"split": "a/b"}, "split must be a simple name"),
+        ({"pool_size": 3}, "unknown key retrieval.pool_size"),
+    ],
+)
+def test_retrieval_section_is_validated(fields: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=message):
+        retrieval_config(tmp_path, "teacher.pt", **{"pool": "p", "labeled": "l", **fields})
+
+
+def test_retrieval_section_is_optional_and_round_trips(tmp_path: Path) -> None:
+    config = retrieval_config(tmp_path, "teacher.pt", pool="s3://b/p", labeled="l")
+    data = config.to_dict()
+    assert data["retrieval"]["pool"] == "s3://b/p" and "translation" not in data
+    assert parse_config(data).retrieval == config.retrieval
+    del data["retrieval"]
+    assert parse_config(data).retrieval is None
