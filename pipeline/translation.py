@@ -30,10 +30,12 @@ from pipeline.shards import Sample, completed_shards, shard_url, write_shard, wr
 from pipeline.storage import absolute, check_writable, join, write_json
 from pipeline.teachers import load_teacher
 from synthesizers import SynthesisSpec, build_synthesizer
-from synthesizers.impression import encode, ensemble
+from synthesizers.impression import Codes, ImpressionSynthesizer, encode, ensemble
 
 
-def read_set(url: str, options: dict[str, Any], limit: int | None, size: int, where: str):
+def read_set(
+    url: str, options: dict[str, Any], limit: int | None, size: int, where: str
+) -> tuple[np.ndarray, list[str], int]:
     """Up to ``limit`` decodable images of ``url`` (uint8 (N, S, S, 3)), their keys, and
     the number of unreadable files skipped."""
     images, keys, skipped = [], [], 0
@@ -120,7 +122,13 @@ def run_translation(config: Config) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def target_statistics(synthesizer, images: np.ndarray, mean, std, classes: int) -> dict:
+def target_statistics(
+    synthesizer: ImpressionSynthesizer,
+    images: np.ndarray,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    classes: int,
+) -> Codes:
     """The target set's ensembled code as ``class_statistics``: the same row K times."""
     x = to_unit(images).to(synthesizer.device)
     x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(
@@ -137,7 +145,17 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-def translate_shard(config, synthesizer, statistics, sources, keys, index, name, run_url) -> None:
+def translate_shard(
+    config: Config,
+    synthesizer: ImpressionSynthesizer,
+    statistics: Codes,
+    sources: np.ndarray,
+    keys: list[str],
+    index: int,
+    name: str,
+    run_url: str,
+) -> None:
+    """Translate ``sources`` (uint8 (N, S, S, 3)) batch by batch; write one shard."""
     start = time.perf_counter()
     samples: list[Sample] = []
     spec = config.teacher
