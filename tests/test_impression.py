@@ -105,7 +105,7 @@ def test_one_shot_decoding_reduces_the_code_distance(match: str) -> None:
     request = SynthesisSpec(torch.zeros(6, dtype=torch.int64), (3, 16, 16), 5, MEAN, STD)
     request.guidance["class_statistics"] = target  # one image's code: K = 1 row
     distances = []
-    for iterations in (1, 60):
+    for iterations in (1, 40):
         config = ImpressionConfig(iterations=iterations, match=match, precision="fp32")
         result = build_synthesizer("impression", teacher, config).synthesize(request)
         codes, _ = encode(teacher, normalise(result.images), layers)
@@ -129,7 +129,7 @@ def test_translation_pulls_toward_the_target_and_the_content_term_holds_the_sour
     for weight in (0.0, 1.0):
         request = SynthesisSpec(torch.zeros(4, dtype=torch.int64), (3, 16, 16), 5, MEAN, STD)
         request.guidance.update(class_statistics=target, init_images=sources)
-        config = ImpressionConfig(iterations=40, content_weight=weight, precision="fp32")
+        config = ImpressionConfig(iterations=30, content_weight=weight, precision="fp32")
         result = build_synthesizer("impression", teacher, config).synthesize(request)
         assert "content" in result.losses
         codes, _ = encode(teacher, normalise(result.images), layers)

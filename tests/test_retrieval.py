@@ -167,7 +167,7 @@ def test_streamed_selection_equals_scoring_the_whole_pool_at_once(
     the streamed, merged result is the exact top 5 of the whole pool."""
     rng = np.random.default_rng(2)
     archive = tmp_path / "pool.tar.gz"
-    arrays = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(120)]
+    arrays = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(80)]
     with tarfile.open(archive, "w:gz") as tar:
         for i, array in enumerate(arrays):
             data = png(array)
@@ -194,8 +194,8 @@ def test_streamed_selection_equals_scoring_the_whole_pool_at_once(
     targets = target_codes(worker.model, config, layers, *labeled_images(config))
     worker.targets = targets
     score = worker.score(task, [5])
-    assert score["scored"] == 120 and len(score["candidates"][0]) == 5
-    codes, _ = encode(worker.model, worker.normalised(images), layers, 120, worker.dtype)
+    assert score["scored"] == 80 and len(score["candidates"][0]) == 5
+    codes, _ = encode(worker.model, worker.normalised(images), layers, 80, worker.dtype)
     full = distance(flatten(codes), targets)[:, 0]
     best = torch.argsort(full)[:5].tolist()
     assert [c[2] for c in score["candidates"][0]] == best
