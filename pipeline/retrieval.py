@@ -4,9 +4,10 @@ distance (Impression Space, section 3.4 and supplement G.3) and write them as sh
 1. The labeled images are encoded (in this process: there are few) into one ensembled
    code (``selection: global``, as the paper) or one per class (``per_class``).
 2. Workers (Ray actors, or this process with ``runtime.executor: inline``) stream the
-   pool task by task and return only their best candidates; the driver merges them into
-   a bounded top-n_t structure (per class: each pool image competes for its nearest
-   class, n_t split evenly), so the pool never has to fit in memory.
+   pool task by task and return only their best candidates; the driver merges each
+   task's candidates, as it arrives, into a bounded top-n_t structure (per class: each
+   pool image competes for its nearest class, n_t split evenly), so the pool never has
+   to fit in memory.
 3. Workers read the tasks holding selected images once more and write those images as
    shards (teacher logits, hard label, source and distance in the json), then the
    sidecars; ``retrieval.json`` (the stage's manifest) is written last.
@@ -32,8 +33,7 @@ from pipeline.errors import InputError
 from pipeline.images import open_image_folder
 from pipeline.manifest import resolved_config
 from pipeline.pool import PoolTask, known_size, list_pool
-from pipeline.retrieval_worker import PoolWorker, TopK, WriteJob
-from pipeline.runtime import RayExecutor
+from pipeline.retrieval_worker import TopK, WriteJob, execute
 from pipeline.shards import completed_shards, shard_url
 from pipeline.storage import absolute, check_writable, exists, join, read_json, redact, write_json
 from pipeline.teachers import load_teacher
@@ -65,12 +65,15 @@ def run_retrieval(config: Config) -> dict[str, Any]:
     quotas = split_quota(r.num_select, len(targets))
     run_url = join(config.run.output, config.run.name)
 
-    scores = execute(config, run_url, targets, "score", [(t, quotas) for t in tasks])
+    heaps = [TopK(q) for q in quotas]  # the driver's only per-image state: n_t entries
+    scores = execute(
+        config, run_url, targets, "score", [(t, quotas) for t in tasks], lambda s: absorb(heaps, s)
+    )
     scored = sum(s["scored"] for s in scores)
     skipped = sum(s["skipped"] for s in scores)
     if scored < r.num_select:
         raise InputError(too_small(r.pool, scored, skipped, r.num_select))
-    selected = merge(scores, quotas)
+    selected = [heap.items() for heap in heaps]
     short = [t for t, q in enumerate(quotas) if len(selected[t]) < q]
     if short:  # per class: too few pool images are nearest to these classes
         log.warning("retrieval: classes %s got fewer than their share of n_t", short)
@@ -154,14 +157,13 @@ def split_quota(total: int, targets: int) -> list[int]:
     return [total // targets + (1 if t < total % targets else 0) for t in range(targets)]
 
 
-def merge(scores: list[dict[str, Any]], quotas: list[int]) -> list[list[tuple]]:
-    """The global top-``quotas[t]`` of every target from the workers' candidates."""
-    heaps = [TopK(q) for q in quotas]
-    for score in scores:
-        for t, candidates in enumerate(score["candidates"]):
-            for candidate in candidates:
-                heaps[t].push(tuple(candidate))
-    return [heap.items() for heap in heaps]
+def absorb(heaps: list[TopK], score: dict[str, Any]) -> dict[str, Any]:
+    """Merge a task's candidates into the driver's bounded heaps as soon as the task
+    returns; what is kept of the task afterwards is only its counts."""
+    for t, candidates in enumerate(score.pop("candidates")):
+        for candidate in candidates:
+            heaps[t].push(tuple(candidate))
+    return score
 
 
 def write_jobs(
@@ -193,42 +195,6 @@ def write_jobs(
         stats = {k: by_task[task.index][k] for k in ("scored", "skipped")}
         jobs.append(WriteJob(task, picks[task.index], shards, stats))
     return jobs
-
-
-def execute(
-    config: Config, run_url: str, targets: torch.Tensor, method: str, items: list[tuple]
-) -> list:
-    """Call ``PoolWorker.<method>(*item)`` for every item, on Ray actors or inline."""
-    if config.runtime.executor == "inline":
-        worker = PoolWorker(config, run_url, targets)
-        return [getattr(worker, method)(*item) for item in items]
-    executor = RayExecutor(config, run_url)
-    executor.connect()
-    ray = executor.ray
-    options, count = executor.actor_options()
-    count = max(1, min(count, len(items)))
-    device = "cuda" if options["num_gpus"] else "cpu"
-    threads = max(1, int(options["num_cpus"]))
-    actor_class = ray.remote(PoolWorker).options(max_restarts=0, **options)
-    shared = ray.put(targets)
-    actors = [actor_class.remote(config, run_url, shared, device, threads) for _ in range(count)]
-    results: list = []
-    try:
-        pending, in_flight = list(items), {}
-        idle = [slot for slot in range(count) for _ in range(2)]  # two each: no idle gaps
-        while pending or in_flight:
-            while pending and idle:
-                slot = idle.pop(0)
-                in_flight[getattr(actors[slot], method).remote(*pending.pop(0))] = slot
-            [ready], _ = ray.wait(list(in_flight), num_returns=1)
-            idle.append(in_flight.pop(ready))
-            results.append(ray.get(ready))
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    if method == "score":
-        results.sort(key=lambda s: s["task"])
-    return results
 
 
 def record_retrieval(run_url: str, config: Config, digest: str) -> None:

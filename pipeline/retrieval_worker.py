@@ -13,6 +13,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
+from pipeline.errors import InputError
 from pipeline.pool import PoolTask, decode_or_none, stream
 from pipeline.shards import Sample, shard_url, write_shard, write_sidecar
 from pipeline.teachers import load_teacher
@@ -226,3 +228,67 @@ class PoolWorker:
         }
         write_sidecar(self.run_url, name, stats, options)
         return stats
+
+
+def execute(
+    config: Config,
+    run_url: str,
+    targets: torch.Tensor,
+    method: str,
+    items: list[tuple],
+    reduce: Callable[[Any], Any] = lambda result: result,
+) -> list:
+    """``reduce(PoolWorker.<method>(*item))`` for every item, in the order the results
+    arrive: on Ray actors (a failed item is retried ``runtime.max_retries`` times, on a
+    fresh actor if its actor died), or in this process with the inline executor."""
+    if config.runtime.executor == "inline":
+        worker = PoolWorker(config, run_url, targets)
+        return [reduce(getattr(worker, method)(*item)) for item in items]
+    from pipeline.runtime import RayExecutor, RunFailed
+
+    executor = RayExecutor(config, run_url)
+    executor.connect()
+    ray = executor.ray
+    options, count = executor.actor_options()
+    count = max(1, min(count, len(items)))
+    device = "cuda" if options["num_gpus"] else "cpu"
+    threads = max(1, int(options["num_cpus"]))
+    actor_class = ray.remote(PoolWorker).options(max_restarts=0, **options)
+    shared = ray.put(targets)
+
+    def new_actor():
+        return actor_class.remote(config, run_url, shared, device, threads)
+
+    actors = [new_actor() for _ in range(count)]
+    results: list = []
+    tries: dict[int, int] = {}
+    try:
+        pending, in_flight = list(enumerate(items)), {}
+        idle = [slot for slot in range(count) for _ in range(2)]  # two each: no idle gaps
+        while pending or in_flight:
+            while pending and idle:
+                slot, (number, item) = idle.pop(0), pending.pop(0)
+                in_flight[getattr(actors[slot], method).remote(*item)] = (slot, number, item)
+            [ready], _ = ray.wait(list(in_flight), num_returns=1)
+            slot, number, item = in_flight.pop(ready)
+            idle.append(slot)
+            try:
+                results.append(reduce(ray.get(ready)))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+                if isinstance(getattr(error, "cause", None), InputError):
+                    raise error.cause from error
+                if isinstance(error, ray.exceptions.RayActorError):
+                    actors[slot] = new_actor()
+                tries[number] = tries.get(number, 0) + 1
+                log.warning(
+                    "retrieval %s task %d failed (try %d): %s", method, number, tries[number], error
+                )
+                if tries[number] > config.runtime.max_retries:
+                    raise RunFailed(f"retrieval {method} task {number} failed: {error}") from error
+                pending.append((number, item))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if method == "score":
+        results.sort(key=lambda s: s["task"])
+    return results
