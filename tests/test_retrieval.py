@@ -253,6 +253,13 @@ def test_per_class_retrieval_streams_shards_from_s3_with_ray(
         assert info["member"].endswith(".png") and 0 <= info["selected_for"] < 10
         assert sample["png"].shape == (32, 32, 3)
     assert fs.exists(f"{bucket}/out/sel/retrieval.json")
+    # loose files in an S3 folder are a pool too, streamed through the same code path
+    for i in range(3):
+        fs.pipe(f"{bucket}/loose/sub/{i}.png", png(distractor(rng)))
+    (task,) = list_pool(f"s3://{bucket}/loose", s3_server.storage_options(), files_per_task=5)
+    items = list(stream(task, s3_server.storage_options()))
+    assert [key.rsplit("/", 1)[-1] for key, _ in items] == ["0.png", "1.png", "2.png"]
+    assert all(Image.open(io.BytesIO(data)).size == (32, 32) for _, data in items)
 
 
 def test_bad_input_is_refused_before_anything_is_written(teacher_checkpoint, tmp_path) -> None:
