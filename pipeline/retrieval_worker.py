@@ -89,7 +89,7 @@ class PoolWorker:
         self.run_url = run_url
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         teacher = load_teacher(config.teacher, config.run.storage_options)
-        self.model = teacher.model.to(self.device).eval()
+        self.model = teacher.model.to(self.device, memory_format=torch.channels_last).eval()
         self.layers = template_layers(self.model, self.retrieval.layers)
         self.dtype = autocast_dtype("auto", self.device)
         self.targets = targets.to(self.device)  # (T, D)
@@ -137,7 +137,7 @@ class PoolWorker:
 
     def normalised(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def score(self, task: PoolTask, quotas: list[int]) -> dict[str, Any]:
         """The task's best candidates per target (at most ``quotas[t]`` each) and counts."""
