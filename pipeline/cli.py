@@ -101,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-class", type=int, help="first N images of each class")
     evaluate.set_defaults(handler=cmd_teacher_eval)
 
-    from pipeline import nightly, submit
+    from pipeline import impression_commands, nightly, submit
 
-    submit.add_commands(commands)
-    nightly.add_commands(commands)
+    for module in (submit, nightly, impression_commands):
+        module.add_commands(commands)
     for add_commands in plugin_commands():
         add_commands(commands)
     return parser

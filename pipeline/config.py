@@ -157,6 +157,66 @@ class RuntimeConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """The retrieval stage: select the pool images nearest, in impression distance, to
+    the labeled images. Not configured (None) by default."""
+
+    pool: str = ""  # unlabeled images: a folder, a .tar/.tar.gz, or WebDataset shards
+    labeled: str = ""  # class folders ROOT/<class>/<image>, one per teacher class
+    labeled_per_class: int | None = None  # n_l per class (the first by name); None: all
+    labeled_total: int | None = None  # n_l in total (a draw seeded by run.seed); None: all
+    num_select: int = 1000  # n_t; more than the pool's usable images is an error
+    selection: str = "global"  # global: one ensembled code; per_class: one per class
+    layers: list[str] | None = None  # template layers; None: every convolution
+    mean_only: bool = False  # codes of channel means only (Eq. 1)
+    batch_size: int = 256
+    files_per_task: int = 1024  # pool images per scoring task (a shard or tar is one task)
+    split: str = "retrieved"  # shard name prefix
+    pool_storage_options: dict[str, Any] | None = None  # None: run.storage_options
+
+    def __post_init__(self) -> None:
+        if not self.pool or not self.labeled:
+            raise ValueError("pool and labeled are required (URLs)")
+        if self.labeled_per_class is not None and self.labeled_total is not None:
+            raise ValueError("give labeled_per_class or labeled_total, not both")
+        for name in ("labeled_per_class", "labeled_total", "num_select"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.batch_size < 1 or self.files_per_task < 1:
+            raise ValueError("batch_size and files_per_task must be positive")
+        if self.selection not in ("global", "per_class"):
+            raise ValueError(f"selection must be global or per_class, got {self.selection!r}")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must be a non-empty list, or null for every convolution")
+        if not self.split.isidentifier():
+            raise ValueError(f"split must be a simple name, got {self.split!r}")
+
+
+@dataclass
+class TranslationConfig:
+    """Image-to-image translation (Algorithm 1) with the impression synthesizer: the
+    source images move toward the ensembled code of the target images; λ is
+    ``synthesizer.content_weight``. Not configured (None) by default."""
+
+    source: str = ""  # images to translate: a folder, a .tar/.tar.gz, or WebDataset shards
+    target: str = ""  # the target set, same forms
+    max_source: int | None = None  # translate at most this many source images
+    max_target: int | None = None  # encode at most this many target images
+    split: str = "translated"  # shard name prefix
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.target:
+            raise ValueError("source and target are required (URLs)")
+        for name in ("max_source", "max_target"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not self.split.isidentifier():
+            raise ValueError(f"split must be a simple name, got {self.split!r}")
+
+
+@dataclass
 class SynthesizerSection:
     name: str
     params: SynthesizerConfig
@@ -171,6 +231,8 @@ class Config:
     filter: FilterConfig
     runtime: RuntimeConfig
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    retrieval: RetrievalConfig | None = None
+    translation: TranslationConfig | None = None
 
     @property
     def classes(self) -> list[int]:
@@ -180,6 +242,9 @@ class Config:
         """The resolved config as plain data (the synthesizer section flattened)."""
         data = dataclasses.asdict(self)
         data["synthesizer"] = {"name": self.synthesizer.name, **data["synthesizer"]["params"]}
+        for name in OPTIONAL_SECTIONS:  # a section that is not configured is left out
+            if data[name] is None:
+                del data[name]
         return data
 
 
@@ -191,6 +256,8 @@ SECTIONS = {
     "metadata": MetadataConfig,
     "runtime": RuntimeConfig,
 }
+
+OPTIONAL_SECTIONS = {"retrieval": RetrievalConfig, "translation": TranslationConfig}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -226,15 +293,18 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a plain mapping into a :class:`Config`."""
-    unknown = sorted(set(data) - {*SECTIONS, "synthesizer"})
+    unknown = sorted(set(data) - {*SECTIONS, "synthesizer", *OPTIONAL_SECTIONS})
     if unknown:
         raise InputError(
             f"unknown config section {unknown[0]!r}; valid sections: "
-            f"{', '.join([*SECTIONS, 'synthesizer'])}"
+            f"{', '.join([*SECTIONS, 'synthesizer', *OPTIONAL_SECTIONS])}"
         )
     sections = {
         name: build(cls, _mapping(data.get(name), name), name) for name, cls in SECTIONS.items()
     }
+    for name, cls in OPTIONAL_SECTIONS.items():
+        if data.get(name) is not None:
+            sections[name] = build(cls, _mapping(data[name], name), name)
     config = Config(
         synthesizer=_synthesizer(_mapping(data.get("synthesizer"), "synthesizer")), **sections
     )
@@ -258,7 +328,7 @@ def check_method(config: Config) -> None:
             "layers, and teacher.fuse_bn removes them; use synthesizer.name=class-conditional, "
             "which collects its own statistics (metadata section), or set teacher.fuse_bn=false"
         )
-    if method.uses_metadata and not config.metadata.configured:
+    if method.uses_metadata and not config.metadata.configured and config.translation is None:
         raise InputError(
             f"synthesizer {config.synthesizer.name!r} needs feature statistics: set "
             "metadata.source (class folders, or seed images with metadata.scenario) "

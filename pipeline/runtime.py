@@ -40,9 +40,18 @@ class RunFailed(RuntimeError):
 
 def run_job(config: Config) -> dict[str, Any]:
     """Run the whole job for ``config``; returns the manifest (with ``this_run``: what
-    this invocation did, for the summary)."""
+    this invocation did, for the summary).
+
+    The graph: metadata (when the method needs it) -> inversion -> filter -> shards,
+    then the retrieval stage when ``retrieval`` is configured. A ``translation`` section
+    makes the source images the plan: the run is that translation.
+    """
     started = time.monotonic()
     config = resolve_run_name(config)  # {date}/{datetime}, unless a submission pinned it
+    if config.translation is not None:
+        from pipeline.translation import run_translation
+
+        return run_translation(config)
     config = replace(
         config,
         run=replace(config.run, output=absolute(config.run.output)),
@@ -78,6 +87,10 @@ def run_job(config: Config) -> dict[str, Any]:
         "images": sum(s["samples"] for s in manifest["shards"] if s["name"] in written),
         "seconds": round(time.monotonic() - started, 3),
     }
+    if config.retrieval is not None:
+        from pipeline.retrieval import run_retrieval
+
+        manifest["retrieval"] = run_retrieval(config)["totals"]
     return manifest
 
 
@@ -160,6 +173,9 @@ def format_summary(manifest: dict[str, Any]) -> str:
     """The end-of-run summary the CLI prints (from :func:`run_job`'s return value)."""
     totals, url = manifest["totals"], manifest["run_url"]
     lines = [f"wrote {totals['images']} images in {len(manifest['shards'])} shards to {url}"]
+    stage = manifest.get("stage")  # translation: the stage's own manifest
+    if stage:
+        return "\n".join([*lines, f"  manifest: {url}/{stage}.json"])
     this_run = manifest.get("this_run")
     if this_run:
         rate = this_run["images"] / max(this_run["seconds"], 1e-9)
@@ -176,6 +192,13 @@ def format_summary(manifest: dict[str, Any]) -> str:
         f"  manifest: {url}/manifest.json",
         f"  preview:  {url}/preview.png",
     ]
+    retrieval = manifest.get("retrieval")
+    if retrieval:
+        lines.append(
+            f"  retrieval: {retrieval['images']} pool images selected of "
+            f"{retrieval['pool_scored']} scored ({retrieval['pool_skipped']} skipped); "
+            f"manifest: {url}/retrieval.json"
+        )
     return "\n".join(lines)
 
 

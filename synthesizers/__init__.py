@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from synthesizers import class_conditional, deepinversion  # noqa: F401  (register methods)
+from synthesizers import (  # noqa: F401  (each module registers its method)
+    class_conditional,
+    deepinversion,
+    impression,
+)
 from synthesizers.base import Synthesizer
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.registry import SYNTHESIZERS, get_synthesizer, register, synthesizer_names
