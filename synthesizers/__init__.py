@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from synthesizers import deepinversion  # noqa: F401  (registers the method)
+from synthesizers.adi import AdaptiveDeepInversion  # noqa: F401  (registers the method)
 from synthesizers.base import Synthesizer
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.registry import SYNTHESIZERS, get_synthesizer, register, synthesizer_names
