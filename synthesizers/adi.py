@@ -11,12 +11,14 @@ distilled on the filter's accepted images between batches (:meth:`after_batch`: 
 steps of KL(p_T ‖ p_S) at temperature against the teacher's logits on those images).
 The student therefore changes during a run, and so does what "disagreement" means.
 
-Defaults: DeepInversion's CIFAR-10 setting, α_c = 10 (the paper's CIFAR-10 ADI value)
-and T = 3 (the value the authors' public CIFAR-10 code uses). That code differs in two
-details we do not copy: it clips the probabilities to [0.01, 0.99] and clamps the
-divergence to [0, 1] (which zeroes the gradient at the bounds). The distillation
-schedule between batches (``distill_*``) is ours: the paper distils its student
-alongside synthesis but gives no per-batch schedule.
+Defaults: DeepInversion's CIFAR-10 setting plus α_c = 10, the CIFAR-10 ADI weight our
+issue quotes from the paper, and T = 3, the temperature hard-coded in the authors'
+public CIFAR-10 script. That script ships other weights (``cig_scale`` defaults to 0,
+i.e. plain DeepInversion, ``get_images`` to 0.01; the ImageNet example uses 0.2), and
+differs in two details we do not copy: it clips the probabilities to [0.01, 0.99] and
+clamps the divergence to [0, 1] (which zeroes the gradient at the bounds). The
+distillation schedule between batches (``distill_*``) is ours: the paper distils its
+student alongside synthesis but gives no per-batch schedule.
 
 The default student (:class:`SmallStudent`) is a small CIFAR-sized CNN built on the
 first request, seeded by ``student_seed``; :meth:`AdaptiveDeepInversion.attach_student`
@@ -53,6 +55,10 @@ class AdaptiveDeepInversionConfig(DeepInversionConfig):
     distill_temperature: float = 3.0  # T of the KD loss
     student_width: int = 32  # channels of the default student's first stage
     student_seed: int = 0  # initial weights of the default student
+    # An architecture name for the student, built by the caller (synthesizers cannot
+    # import the pipeline's registry) and handed over with attach_student(); "" means
+    # the default SmallStudent. Set but not attached is an error, never a silent default.
+    student_arch: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,6 +150,8 @@ class AdaptiveDeepInversion(DeepInversion):
     def attach_student(self, student: nn.Module) -> None:
         """Use ``student`` (any classifier with the teacher's classes) from now on; its
         optimiser state starts afresh."""
+        if student is self.teacher:  # its forward would overwrite the teacher's BN statistics
+            raise ValueError("the ADI student must be a module of its own, not the teacher")
         self.student = freeze(student).to(self.device)
         if self.config.channels_last:
             self.student.to(memory_format=torch.channels_last)
@@ -160,6 +168,11 @@ class AdaptiveDeepInversion(DeepInversion):
         probe = torch.zeros(2, *spec.image_shape, device=self.device)
         classes = self.teacher(probe).shape[1]
         if self.student is None:
+            if self.config.student_arch:
+                raise ValueError(
+                    f"student_arch is {self.config.student_arch!r} but no student was "
+                    f"attached: build it and call attach_student() before synthesize()"
+                )
             with torch.random.fork_rng(devices=[]):  # leaves the request's RNG stream alone
                 torch.manual_seed(self.config.student_seed)
                 student = SmallStudent(classes, spec.image_shape[0], self.config.student_width)

@@ -60,6 +60,8 @@ def test_jensen_shannon_is_zero_for_equal_and_at_most_log_two() -> None:
 def test_identical_student_gives_competition_one() -> None:
     teacher = tiny_teacher()
     synth = adi(teacher)
+    with pytest.raises(ValueError, match="not the teacher"):
+        synth.attach_student(synth.teacher)
     synth.attach_student(copy.deepcopy(teacher))
     result = synth.synthesize(spec())
     assert result.losses["competition"] == pytest.approx(1.0, abs=1e-6)
@@ -203,9 +205,11 @@ def test_attached_student_must_match_the_teacher_classes() -> None:
 
 def test_run_through_the_registry_with_a_registry_student() -> None:
     """Two batches end to end as a worker would run them: synthesize, filter, distil."""
+    synth = adi(iterations=3, student_arch="resnet20")
+    with pytest.raises(ValueError, match="student_arch is 'resnet20' but no student"):
+        synth.synthesize(spec())
     torch.manual_seed(0)
-    student = build_architecture("resnet20", 4)
-    synth = adi(iterations=3)
+    student = build_architecture(synth.config.student_arch, 4)
     synth.attach_student(student)
     before = student_state(synth)
     for seed in (1, 2):
