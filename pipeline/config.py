@@ -334,6 +334,15 @@ def check_method(config: Config) -> None:
             "metadata.source (class folders, or seed images with metadata.scenario) "
             "or metadata.artifact"
         )
+    student_arch = getattr(config.synthesizer.params, "student_arch", "")
+    if student_arch and not student_arch.startswith("torchvision:"):
+        from pipeline.archs import architecture_names
+
+        if student_arch not in architecture_names():
+            raise InputError(
+                f"synthesizer.student_arch: unknown architecture {student_arch!r}; valid "
+                f"names: {', '.join(architecture_names())}, torchvision:<name>"
+            )
     if config.metadata.scenario == "seeds" and not method.uses_metadata:
         raise InputError(
             f"metadata.scenario=seeds guides a method that matches statistics "

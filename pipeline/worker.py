@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.archs import build_architecture
 from pipeline.config import Config, FilterConfig
 from pipeline.metadata import Metadata, load_metadata
 from pipeline.metrics import record_shard
@@ -92,6 +93,12 @@ class ShardWorker:
         self.synthesizer = build_synthesizer(
             config.synthesizer.name, self.teacher.model, config.synthesizer.params, self.device
         )
+        student_arch = getattr(config.synthesizer.params, "student_arch", "")
+        if student_arch:  # ADI's student from the registry (synthesizers cannot import it)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.synthesizer.params.student_seed)
+                student = build_architecture(student_arch, config.teacher.num_classes)
+            self.synthesizer.attach_student(student)
         self.metadata: Metadata | None = None
         if metadata_url is not None:
             self.metadata = load_metadata(metadata_url, options)
@@ -141,6 +148,7 @@ class ShardWorker:
                 outcome.nonfinite.append(seed)
                 continue
             keep = accepted(result, filter_config, self.verifier)
+            self.synthesizer.after_batch(result, keep)  # ADI distils its student here
             outcome.passed.update(result.labels[keep].tolist())
             self._fill(
                 task, outcome, rows, offset, open_slots, result, keep, target_rows, seed, attempt

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from synthesizers import (  # noqa: F401  (each module registers its method)
+    adi,
     class_conditional,
     deepinversion,
     impression,

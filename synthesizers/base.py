@@ -122,6 +122,10 @@ class Synthesizer:
     def after_step(self, ctx: StepContext) -> None:
         """Runs after each image step: train an auxiliary network alternately here."""
 
+    def after_batch(self, result: SynthesisResult, accepted: torch.Tensor) -> None:
+        """Runs once the filter has judged a batch: ``accepted`` is a (B,) bool mask of
+        the samples of ``result`` that were kept. ADI distils its student on them here."""
+
     # ---- the loop -----------------------------------------------------------------
     def augment(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """Random jitter (a roll by up to ``jitter`` pixels) and a random flip."""
