@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.errors import InputError
 
@@ -41,31 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the whole task graph for a config")
-    run.add_argument("config")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config field (repeatable)",
+    config_command(commands, "run", "run the whole task graph for a config", cmd_run)
+    config_command(
+        commands,
+        "metadata",
+        "the metadata stage alone: per-class feature statistics of a source",
+        cmd_metadata,
     )
-    run.set_defaults(handler=cmd_run)
-
-    metadata = commands.add_parser(
-        "metadata", help="the metadata stage alone: per-class feature statistics of a source"
-    )
-    metadata.add_argument("config")
-    metadata.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config field (repeatable)",
-    )
-    metadata.set_defaults(handler=cmd_metadata)
 
     inspect = commands.add_parser("inspect", help="a run's manifest, totals, completeness")
     inspect.add_argument("url", help="the run folder (OUTPUT/RUN) or its manifest.json")
@@ -107,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_commands(commands)
     for add_commands in plugin_commands():
         add_commands(commands)
+    return parser
+
+
+def config_command(
+    commands: argparse._SubParsersAction, name: str, text: str, handler: Any
+) -> argparse.ArgumentParser:
+    """A subcommand that takes CONFIG and repeatable ``--set key.path=value`` overrides."""
+    parser = commands.add_parser(name, help=text)
+    parser.add_argument("config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config field (repeatable)",
+    )
+    parser.set_defaults(handler=handler)
     return parser
 
 

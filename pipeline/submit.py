@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from pipeline.cli import config_command
 from pipeline.errors import InputError
 from pipeline.nightly import resolve_run_name
 from pipeline.storage import absolute, join, protocol_of, redact
@@ -281,17 +282,10 @@ def jobs(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``submit`` and ``jobs`` on the top-level subparsers."""
     address_help = "the dashboard URL, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS)"
-    submit_parser = commands.add_parser("submit", help="run a config on a Ray cluster (Jobs API)")
-    submit_parser.add_argument("config")
-    submit_parser.add_argument("--address", help=address_help)
-    submit_parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config field (repeatable)",
+    submit_parser = config_command(
+        commands, "submit", "run a config on a Ray cluster (Jobs API)", submit
     )
+    submit_parser.add_argument("--address", help=address_help)
     submit_parser.add_argument(
         "--wait", action="store_true", help="stream the job's log; exit with its outcome"
     )
@@ -301,7 +295,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default="upload",
         help="upload this machine's dreamshard code (default), or use the cluster's install",
     )
-    submit_parser.set_defaults(handler=submit)
 
     jobs_parser = commands.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
     actions = jobs_parser.add_subparsers(required=True, metavar="ACTION", dest="action")
