@@ -1,0 +1,195 @@
+"""KD, from-scratch and pruned fine-tuning under Ray Train (2 CPU workers, gloo), on tiny
+separable shards; a worker killed mid-run resumes from its checkpoint; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from evaluation_support import write_shards, write_test_folder
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaldata")
+    return {
+        "shards": write_shards(root / "run", per_class=60, shard_size=100),
+        "test": write_test_folder(root / "test", per_class=10),
+    }
+
+
+def eval_config(
+    tmp_path: Path, data: dict[str, Path], checkpoint: str, **sections: dict[str, Any]
+) -> Path:
+    config: dict[str, Any] = {
+        "run": {"name": "tiny", "output": str(tmp_path / "eval")},
+        "data": {
+            "shards": str(data["shards"]),
+            "test": str(data["test"]),
+            "shuffle_buffer": 200,
+            "loader_workers": 1,
+            "augment": False,
+        },
+        "teacher": {"arch": "resnet20", "checkpoint": checkpoint},
+        "student": {"arch": "resnet20"},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.02},
+        "runtime": {"num_workers": 2, "max_failures": 2},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def linked_files(page: str) -> list[str]:
+    return re.findall(r"(?:src|href)='([^']+)'", page)
+
+
+def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, capsys
+) -> None:
+    # the shards' logits.npy are the targets (the fixture teacher is untrained)
+    config = eval_config(
+        tmp_path, data, teacher_checkpoint, train={"logits": "stored", "alpha": 0.5}
+    )
+    assert main(["eval", "kd", str(config)]) == 0
+    output = tmp_path / "eval" / "tiny" / "kd"
+    report = json.loads((output / "report.json").read_text())
+    results = report["results"]
+    assert results["final"]["test_accuracy"] >= results["untrained_accuracy"] + 0.15
+    assert [e["epoch"] for e in results["history"]] == [1]
+    assert set(results["per_class"]) == {f"class{c}" for c in range(10)}
+    assert report["config"]["train"]["temperature"] == 5.0
+    page = (output / "report.html").read_text()
+    links = linked_files(page)
+    assert {"accuracy.png", "classes.png", "report.json"} <= set(links)
+    for name in links:
+        assert (output / name).is_file(), name
+    assert main(["teacher", "eval", "--checkpoint", str(output / "student.pt"), "--data",
+                 str(data["test"])]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")["accuracy"] == (
+        pytest.approx(results["final"]["test_accuracy"])
+    )
+
+
+def worker_pids() -> list[int]:
+    """Ray Train worker processes started by this test process (not anyone else's)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "RayTrainWorker" in title and descends_from(int(entry), os.getpid()):
+            pids.append(int(entry))
+    return pids
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    from evaluation.config import load_eval_config
+    from evaluation.kd import train_student
+
+    epochs = 3
+    config = load_eval_config(eval_config(tmp_path, data, teacher_checkpoint))
+    config.train.epochs = epochs
+    storage = tmp_path / "eval" / "tiny" / "scratch" / "ray"
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = train_student(config, "scratch")
+        except BaseException as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while thread.is_alive() and time.monotonic() < deadline and killed is None:
+        if list(storage.glob("*/checkpoint_*")) and worker_pids():
+            killed = worker_pids()[-1]
+            os.kill(killed, signal.SIGKILL)  # a real process-level death
+        time.sleep(0.2)
+    thread.join(300)
+    assert "error" not in outcome, outcome.get("error")
+    assert killed is not None
+    results = outcome["results"]
+    assert results["resumed_from"] and 1 <= results["resumed_from"][0] < epochs
+    assert [e["epoch"] for e in results["history"]] == list(range(1, epochs + 1))
+    assert results["final"]["test_accuracy"] > results["untrained_accuracy"]
+
+
+def test_prune_removes_filters_and_fine_tunes_each_ratio(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    config = eval_config(tmp_path, data, teacher_checkpoint, prune={"ratios": [0.5], "epochs": 1})
+    assert main(["eval", "prune", str(config)]) == 0
+    output = tmp_path / "eval" / "tiny" / "prune"
+    results = json.loads((output / "report.json").read_text())["results"]
+    (row,) = results["ratios"]
+    assert 0.45 < row["params_kept"] < 0.75  # block-internal channels halved
+    assert row["macs"] < results["original"]["macs"]
+    assert 0 <= row["accuracy_pruned"] <= 1 and 0 <= row["accuracy_finetuned"] <= 1
+    assert (output / "pruned-0.5.pt").is_file()
+    assert "accuracy.png" in linked_files((output / "report.html").read_text())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"runtime": {"num_workers": 3}}, r"num_workers=3 .* needs 3 CPUs; the Ray cluster has 2"),
+        (
+            {"student": {"arch": "resnet7"}},
+            r"student.arch: unknown architecture 'resnet7'.*resnet20",
+        ),
+        ({"data": {"test": ""}}, r"data.test is required"),
+        ({"teacher": {"image_size": 16}}, r"images are 32x32 but .* expect 16x16"),
+    ],
+    ids=["too-many-workers", "unknown-student", "empty-test", "image-size"],
+)
+def test_bad_input_exits_2_naming_the_field(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, capsys, changes, message
+) -> None:
+    config = eval_config(tmp_path, data, teacher_checkpoint, **changes)
+    assert main(["eval", "scratch", str(config)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_test_set_whose_classes_do_not_fit_the_teacher_exits_2(
+    data, teacher_checkpoint: str, tmp_path: Path, capsys
+) -> None:
+    test = tmp_path / "three"
+    for name in ("a", "b", "c"):
+        (test / name).mkdir(parents=True)
+        (test / name / "0.png").write_bytes((data["test"] / "class0" / "0000.png").read_bytes())
+    config = eval_config(tmp_path, data, teacher_checkpoint, data={"test": str(test)})
+    assert main(["eval", "kd", str(config)]) == 2
+    assert "has 3 class folders" in capsys.readouterr().err
