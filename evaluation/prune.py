@@ -1,8 +1,8 @@
 """``dreamshard eval prune``: L1-norm filter pruning of the teacher, then fine-tuning on
 the shards, per ratio.
 
-Structural pruning is done by ``torch-pruning`` (dependency graph, L1 magnitude
-importance, the same ratio in every layer). Its graph tracing does not model the option-A
+Structural pruning is done by ``torch-pruning`` (its dependency graph; importance = the
+L1 norm of each filter of the pruned layer; the same ratio in every layer). Its graph tracing does not model the option-A
 shortcut of the CIFAR ResNets (subsample plus zero-padding of channels): pruning the
 residual stream there gives a network whose shapes no longer fit. For models with such
 shortcuts the residual-stream convolutions (the stem and every block's second conv) are
@@ -51,7 +51,10 @@ def prune_model(model: nn.Module, ratio: float, image_size: int) -> nn.Module:
     pruner = tp.pruner.MetaPruner(
         model,
         example,
-        importance=tp.importance.MagnitudeImportance(p=1),
+        # Li et al.'s criterion: the L1 norm of each filter of the layer being pruned
+        importance=tp.importance.MagnitudeImportance(
+            p=1, normalizer=None, group_reduction="first"
+        ),
         pruning_ratio=ratio,
         global_pruning=False,
         ignored_layers=[head, *residual_stream_convs(model)],
@@ -114,7 +117,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
         "accuracy_before": before["accuracy"],
         "original": original,
         "ratios": rows,
-        "method": "torch-pruning MetaPruner, L1 magnitude, layer-wise uniform",
+        "method": "torch-pruning MetaPruner, filter L1 norm, layer-wise uniform",
     }
     write_report(inputs, "prune", results, curves)
     return results

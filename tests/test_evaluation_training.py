@@ -86,28 +86,51 @@ def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
 
 
 def worker_pids() -> list[int]:
-    """Ray Train worker processes started by this test process (not anyone else's)."""
+    """Ray Train worker processes started by this test process (not anyone else's, and
+    not their DataLoader worker children, which carry the same title)."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "RayTrainWorker" in title and descends_from(int(entry), os.getpid()):
-            pids.append(int(entry))
+        pid = int(entry) if entry.isdigit() else 0
+        if (
+            is_train_worker(pid)
+            and not is_train_worker(parent(pid))
+            and descends_from(pid, os.getpid())
+        ):
+            pids.append(pid)
     return pids
+
+
+def registered_checkpoints(storage: Path) -> list[str]:
+    """Checkpoints the Ray Train controller has registered (a restart resumes from these)."""
+    names = []
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+        names += [result["checkpoint_dir_name"] for result in results]
+    return names
+
+
+def is_train_worker(pid: int) -> bool:
+    try:
+        return b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
             return True
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return False
+        pid = parent(pid)
     return False
 
 
@@ -134,7 +157,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     killed = None
     deadline = time.monotonic() + 240
     while thread.is_alive() and time.monotonic() < deadline and killed is None:
-        if list(storage.glob("*/checkpoint_*")) and worker_pids():
+        if registered_checkpoints(storage) and worker_pids():
             killed = worker_pids()[-1]
             os.kill(killed, signal.SIGKILL)  # a real process-level death
         time.sleep(0.2)
