@@ -19,7 +19,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     actions = evaluate.add_subparsers(required=True, metavar="ACTION")
     for name, description in ACTIONS.items():
         action = actions.add_parser(name, help=description, description=description)
-        action.add_argument("config", help="evaluation YAML (see configs/eval-*.yaml)")
+        action.add_argument("config", help="evaluation YAML (see configs/eval/)")
         action.add_argument(
             "--set",
             dest="overrides",
