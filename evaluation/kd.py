@@ -14,7 +14,7 @@ from typing import Any
 
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
-from evaluation.report import write_report
+from evaluation.report import comparison_rows, write_report
 from evaluation.training import TrainJob, evaluate_untrained, fit
 from pipeline.archs import build_architecture
 from pipeline.storage import join
@@ -89,5 +89,6 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         "checkpoint": checkpoint,
         "shards": {"count": len(inputs.shards.shards), "samples": inputs.shards.samples},
     }
+    results["comparison"] = comparison_rows(inputs, command, results)
     write_report(inputs, command, results, {"student": summary["history"]})
     return results

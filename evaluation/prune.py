@@ -2,13 +2,13 @@
 the shards, per ratio.
 
 Structural pruning is done by ``torch-pruning`` (its dependency graph; importance = the
-L1 norm of each filter of the pruned layer; the same ratio in every layer). Its graph tracing does not model the option-A
-shortcut of the CIFAR ResNets (subsample plus zero-padding of channels): pruning the
-residual stream there gives a network whose shapes no longer fit. For models with such
-shortcuts the residual-stream convolutions (the stem and every block's second conv) are
-left whole and only the block-internal channels are pruned, which is what Li et al.
-("Pruning Filters for Efficient ConvNets") do for the CIFAR ResNets. Every pruned model
-is checked with a forward pass.
+L1 norm of each filter of the pruned layer; the same ratio in every layer). Its graph
+tracing does not model the option-A shortcut of the CIFAR ResNets (subsample plus
+zero-padding of channels): pruning the residual stream there gives a network whose
+shapes no longer fit. For models with such shortcuts the residual-stream convolutions
+(the stem and every block's second conv) are left whole and only the block-internal
+channels are pruned, which is what Li et al. ("Pruning Filters for Efficient
+ConvNets") do for the CIFAR ResNets. Every pruned model is checked with a forward pass.
 
 Fine-tuning distils from the unpruned teacher (``train.temperature``, ``train.alpha``)
 for ``prune.epochs`` epochs at ``prune.lr``.
@@ -52,9 +52,7 @@ def prune_model(model: nn.Module, ratio: float, image_size: int) -> nn.Module:
         model,
         example,
         # Li et al.'s criterion: the L1 norm of each filter of the layer being pruned
-        importance=tp.importance.MagnitudeImportance(
-            p=1, normalizer=None, group_reduction="first"
-        ),
+        importance=tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="first"),
         pruning_ratio=ratio,
         global_pruning=False,
         ignored_layers=[head, *residual_stream_convs(model)],

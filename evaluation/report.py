@@ -20,7 +20,7 @@ from PIL import Image
 
 from evaluation.loader import read_shard
 from pipeline.images import decode
-from pipeline.storage import atomic_open, join, redact
+from pipeline.storage import absolute, atomic_open, filesystem, join, redact
 
 if TYPE_CHECKING:
     from evaluation.inputs import Inputs
@@ -82,6 +82,31 @@ def class_grid(inputs: Inputs, per_class: int = 8, max_samples: int = 4000) -> b
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def comparison_rows(inputs: Inputs, command: str, results: dict[str, Any]) -> list[dict]:
+    """This evaluation next to the other runs' ``{command}`` reports under ``run.output``
+    (e.g. KD on real, synthetic and noise images, each its own ``run.name``)."""
+    fs, root = filesystem(absolute(inputs.config.run.output), inputs.options)
+    rows = []
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/*/{command}/report.json")):
+        name = path.rstrip("/").split("/")[-3]
+        if name == inputs.config.run.name:
+            continue
+        with fs.open(path, "rb") as f:
+            other = json.load(f)
+        rows.append(_comparison(name, other["config"]["data"]["shards"], other["results"]))
+    rows.append(_comparison(inputs.config.run.name, inputs.config.data.shards, results))
+    return rows
+
+
+def _comparison(name: str, shards: str, results: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run": name,
+        "shards": shards,
+        "final": results.get("final", {}).get("test_accuracy"),
+        "best": results.get("best", {}).get("test_accuracy"),
+    }
 
 
 def write_report(

@@ -132,3 +132,22 @@ def test_unsafe_members_and_wrong_image_sizes_are_refused(tmp_path: Path) -> Non
     good = resolve_shards(str(write_run(tmp_path / "run", [2]))).shards
     with pytest.raises(InputError, match="images are 8x8, the model expects 32x32"):
         list(ShardDataset(good, (0.0,) * 3, (1.0,) * 3, image_size=32))
+
+
+@pytest.mark.slow
+def test_a_real_run_on_s3_streams_through_its_manifest(make_config, s3_server) -> None:
+    from pipeline.runtime import run_job
+
+    bucket = s3_server.make_bucket()
+    options = s3_server.storage_options()
+    config = make_config(run={"output": f"s3://{bucket}/runs", "storage_options": options})
+    manifest = run_job(config)
+    shards = resolve_shards(manifest["run_url"], options)
+    assert shards.manifest["teacher_digest"] == manifest["teacher_digest"]
+    assert [s.url for s in shards.shards] == [s["url"] for s in manifest["shards"]]
+    mean, std = config.teacher.mean, config.teacher.std
+    dataset = ShardDataset(
+        shards.shards, mean, std, image_size=32, logits=True, storage_options=options
+    )
+    labels = [int(label) for _, label, logits in dataset if logits.shape == (10,)]
+    assert sorted(labels) == sorted(c for c in range(10) for _ in range(4 if c < 2 else 3))

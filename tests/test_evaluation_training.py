@@ -31,13 +31,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def eval_config(
-    tmp_path: Path, data: dict[str, Path], checkpoint: str, **sections: dict[str, Any]
+    tmp_path: Path, files: dict[str, Path], checkpoint: str, **sections: dict[str, Any]
 ) -> Path:
     config: dict[str, Any] = {
         "run": {"name": "tiny", "output": str(tmp_path / "eval")},
         "data": {
-            "shards": str(data["shards"]),
-            "test": str(data["test"]),
+            "shards": str(files["shards"]),
+            "test": str(files["test"]),
             "shuffle_buffer": 200,
             "loader_workers": 1,
             "augment": False,
@@ -52,6 +52,11 @@ def eval_config(
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def last_json(text: str) -> dict[str, Any]:
+    """The last top-level JSON object printed (Ray may print its own lines to stdout)."""
+    return json.loads(re.findall(r"^\{$.*?^\}$", text, re.S | re.M)[-1])
 
 
 def linked_files(page: str) -> list[str]:
@@ -78,11 +83,12 @@ def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
     assert {"accuracy.png", "classes.png", "report.json"} <= set(links)
     for name in links:
         assert (output / name).is_file(), name
-    assert main(["teacher", "eval", "--checkpoint", str(output / "student.pt"), "--data",
-                 str(data["test"])]) == 0  # fmt: skip
-    assert json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")["accuracy"] == (
-        pytest.approx(results["final"]["test_accuracy"])
-    )
+    printed = last_json(capsys.readouterr().out)  # the command's summary
+    assert printed["final"] == results["final"]
+    student = ["--checkpoint", str(output / "student.pt"), "--data", str(data["test"])]
+    assert main(["teacher", "eval", *student]) == 0  # the saved student is the final one
+    accuracy = last_json(capsys.readouterr().out)["accuracy"]
+    assert accuracy == pytest.approx(results["final"]["test_accuracy"])
 
 
 def worker_pids() -> list[int]:
@@ -194,13 +200,16 @@ def test_prune_removes_filters_and_fine_tunes_each_ratio(
             r"student.arch: unknown architecture 'resnet7'.*resnet20",
         ),
         ({"data": {"test": ""}}, r"data.test is required"),
-        ({"teacher": {"image_size": 16}}, r"images are 32x32 but .* expect 16x16"),
+        ({"data": {"shards": "SMALL"}}, r"images are 16x16 but .* expect 32x32"),
     ],
     ids=["too-many-workers", "unknown-student", "empty-test", "image-size"],
 )
 def test_bad_input_exits_2_naming_the_field(
     ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, capsys, changes, message
 ) -> None:
+    if changes.get("data", {}).get("shards") == "SMALL":
+        small = write_shards(tmp_path / "small", per_class=1, shard_size=10, size=16)
+        changes = {"data": {"shards": str(small)}}
     config = eval_config(tmp_path, data, teacher_checkpoint, **changes)
     assert main(["eval", "scratch", str(config)]) == 2
     assert re.search(message, capsys.readouterr().err)
@@ -216,3 +225,28 @@ def test_a_test_set_whose_classes_do_not_fit_the_teacher_exits_2(
     config = eval_config(tmp_path, data, teacher_checkpoint, data={"test": str(test)})
     assert main(["eval", "kd", str(config)]) == 2
     assert "has 3 class folders" in capsys.readouterr().err
+
+
+def test_kd_loss_is_hintons() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from evaluation.training import kd_loss, schedule_factor
+
+    student = torch.tensor([[2.0, 0.0, -1.0]])
+    labels = torch.tensor([0])
+    assert kd_loss(student, student, labels, 5.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    teacher = torch.tensor([[0.0, 3.0, 0.0]])
+    p, q = F.softmax(teacher / 4, 1), F.softmax(student / 4, 1)
+    kl = (p * (p.log() - q.log())).sum().item()
+    hard = F.cross_entropy(student, labels).item()
+    expected = 0.7 * 16 * kl + 0.3 * hard
+    assert kd_loss(student, teacher, labels, 4.0, 0.7).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(student, None, labels, 4.0, 0.7).item() == pytest.approx(hard)
+
+    class Job:
+        epochs, schedule, milestones, gamma = 10, "step", [0.5, 0.75], 0.1
+
+    assert [round(schedule_factor(Job, e), 6) for e in (0, 4, 5, 7, 8)] == [1, 1, 0.1, 0.1, 0.01]
+    Job.schedule = "cosine"
+    assert schedule_factor(Job, 0) == 1.0 and schedule_factor(Job, 5) == pytest.approx(0.5)
