@@ -121,19 +121,21 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed + rank)
     device = ray.train.torch.get_device()
     model = job.model
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay
-    )
     state = {"epoch": 0, "history": [], "best": None, "resumed_from": []}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, saved = ray.train.get_checkpoint(), None
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+            path = os.path.join(folder, CHECKPOINT_FILE)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         state["resumed_from"].append(state["epoch"])
     model = ray.train.torch.prepare_model(model)  # DDP; moves to the device
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay
+    )
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])  # moves its state to the device
     teacher = job.teacher.to(device).eval() if job.teacher is not None else None
     dataset = ShardDataset(
         job.shards,
@@ -281,7 +283,9 @@ def fit(
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+        saved = torch.load(
+            os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True
+        )
     model = copy.deepcopy(job.model)
     model.load_state_dict(saved["model"])
     state = saved["state"]
