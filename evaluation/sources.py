@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.shards import completed_shards
-from pipeline.storage import exists, filesystem, join, read_bytes, read_json
+from pipeline.storage import absolute, exists, filesystem, join, read_bytes, read_json
 
 log = logging.getLogger("dreamshard.evaluation")
 
@@ -56,6 +56,8 @@ def resolve_shards(
     manifest, or a tar without its sidecar, is incomplete: refused unless
     ``allow_incomplete``, in which case only the shards with sidecars are used.
     """
+    # absolute: Ray Train workers run in other folders
+    source = absolute(source) if isinstance(source, str) else [absolute(u) for u in source]
     if isinstance(source, str) and not source.endswith(".tar") and "*" not in source:
         run_url = source.removesuffix("/manifest.json").rstrip("/")
         if exists(join(run_url, "manifest.json"), options):
