@@ -169,6 +169,8 @@ def render_html(report: dict[str, Any], classes: list[str]) -> str:
         parts += ["<h3>per-class accuracy</h3>", _table([results["per_class"]])]
     for name in report["files"]:
         parts.append(f"<h2>{html.escape(name)}</h2><img src='{html.escape(name)}' alt='{name}'>")
+        if name == "classes.png":
+            parts.append(f"<p>rows, top to bottom: {html.escape(', '.join(classes))}</p>")
     parts += [
         "<h2>Configuration</h2><pre>",
         html.escape(json.dumps(report["config"], indent=2, default=str)),
