@@ -103,6 +103,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
                 accuracy_finetuned=summary["final"]["test_accuracy"],
                 best=summary["best"],
                 resumed_from=summary["resumed_from"],
+                history=summary["history"],
             )
             curves[f"ratio {ratio:g}"] = summary["history"]
             path = join(inputs.output, f"pruned-{ratio:g}.pt")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from evaluation_support import write_shards, write_test_folder
 
@@ -187,7 +188,10 @@ def test_prune_removes_filters_and_fine_tunes_each_ratio(
     assert 0.45 < row["params_kept"] < 0.75  # block-internal channels halved
     assert row["macs"] < results["original"]["macs"]
     assert 0 <= row["accuracy_pruned"] <= 1 and 0 <= row["accuracy_finetuned"] <= 1
-    assert (output / "pruned-0.5.pt").is_file()
+    state = torch.load(output / "pruned-0.5.pt", weights_only=True)["state_dict"]
+    assert state["layer3.2.conv1.weight"].shape == (32, 64, 3, 3)  # half the filters
+    assert state["layer3.2.conv2.weight"].shape == (64, 32, 3, 3)  # the residual stream whole
+    assert [e["epoch"] for e in row["history"]] == [1]
     assert "accuracy.png" in linked_files((output / "report.html").read_text())
 
 
