@@ -9,12 +9,14 @@ every epoch and write the student, ``report.json`` and ``report.html``.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from dataclasses import replace
 from typing import Any
 
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
-from evaluation.report import comparison_rows, write_report
+from evaluation.report import comparison_rows, write_bytes, write_report
 from evaluation.training import TrainJob, evaluate_untrained, fit
 from pipeline.archs import build_architecture
 from pipeline.storage import join
@@ -73,9 +75,11 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         job, config.runtime, join(inputs.output, "ray"), inputs.job_name(command), inputs.options
     )
     checkpoint = join(inputs.output, "student.pt")
-    save_checkpoint(
-        model, replace(spec, arch=config.student.arch, checkpoint=checkpoint), checkpoint
-    )
+    with tempfile.TemporaryDirectory() as folder:  # save_checkpoint takes no storage options
+        local = os.path.join(folder, "student.pt")
+        save_checkpoint(model, replace(spec, arch=config.student.arch, checkpoint=local), local)
+        with open(local, "rb") as f:
+            write_bytes(checkpoint, f.read(), inputs.options)
     teacher_accuracy = evaluate_untrained(replace(job, model=inputs.teacher.model))["accuracy"]
     results = {
         "student": config.student.arch,

@@ -3,6 +3,7 @@ separable shards; a worker killed mid-run resumes from its checkpoint; bad input
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -177,22 +178,36 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     assert results["final"]["test_accuracy"] > results["untrained_accuracy"]
 
 
-def test_prune_removes_filters_and_fine_tunes_each_ratio(
-    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
+def test_prune_on_s3_removes_filters_and_fine_tunes_each_ratio(
+    ray_cluster, s3_server, data, teacher_checkpoint: str, tmp_path: Path
 ) -> None:
-    config = eval_config(tmp_path, data, teacher_checkpoint, prune={"ratios": [0.5], "epochs": 1})
+    # shards, Ray Train checkpoints and the report all on a real S3 server
+    fs, bucket = s3_server.filesystem(), s3_server.make_bucket()
+    fs.put(str(data["shards"] / "shards"), f"{bucket}/runs/tiny/shards", recursive=True)
+    config = eval_config(
+        tmp_path,
+        {"shards": f"s3://{bucket}/runs/tiny", "test": data["test"]},
+        teacher_checkpoint,
+        run={"output": f"s3://{bucket}/eval", "storage_options": s3_server.storage_options()},
+        prune={"ratios": [0.5], "epochs": 1},
+    )
     assert main(["eval", "prune", str(config)]) == 0
-    output = tmp_path / "eval" / "tiny" / "prune"
-    results = json.loads((output / "report.json").read_text())["results"]
+    output = f"{bucket}/eval/tiny/prune"
+    results = json.loads(fs.cat(f"{output}/report.json"))["results"]
     (row,) = results["ratios"]
     assert 0.45 < row["params_kept"] < 0.75  # block-internal channels halved
     assert row["macs"] < results["original"]["macs"]
     assert 0 <= row["accuracy_pruned"] <= 1 and 0 <= row["accuracy_finetuned"] <= 1
-    state = torch.load(output / "pruned-0.5.pt", weights_only=True)["state_dict"]
+    assert [e["epoch"] for e in row["history"]] == [1]
+    assert fs.find(f"{output}/ray", withdirs=False)  # Ray Train checkpoints on S3
+    saved = io.BytesIO(fs.cat(f"{output}/pruned-0.5.pt"))
+    state = torch.load(saved, weights_only=True)["state_dict"]
     assert state["layer3.2.conv1.weight"].shape == (32, 64, 3, 3)  # half the filters
     assert state["layer3.2.conv2.weight"].shape == (64, 32, 3, 3)  # the residual stream whole
-    assert [e["epoch"] for e in row["history"]] == [1]
-    assert "accuracy.png" in linked_files((output / "report.html").read_text())
+    links = linked_files(fs.cat(f"{output}/report.html").decode())
+    assert "accuracy.png" in links
+    for name in links:
+        assert fs.exists(f"{output}/{name}"), name
 
 
 @pytest.mark.parametrize(
