@@ -1,0 +1,190 @@
+"""The evaluation config: YAML and ``--set`` overrides turned into dataclasses, once.
+
+Sections ``run``, ``data``, ``teacher`` (optional: taken from the run's manifest when
+absent), ``student``, ``train``, ``prune``, ``fidelity`` and ``runtime``. Parsing reuses
+``pipeline.config``'s ``build``/``apply_override``, so unknown keys, wrong types and
+``--set`` behave as in ``dreamshard run``. Defaults are the papers' (KD: T = 5, SGD lr 0.1,
+momentum 0.9, weight decay 5e-4, batch 128, 200 epochs; pruning: 20 epochs at lr 0.001).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import TeacherConfig, apply_override, build
+from pipeline.errors import InputError
+
+
+@dataclass
+class EvalRunConfig:
+    name: str = "eval"
+    seed: int = 0
+    output: str = "outputs"  # the evaluation writes {output}/{name}/{command}/
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError("name must be non-empty and contain no '/'")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # a run folder, its manifest.json, a shards folder or a glob of tars
+    test: str = ""  # class folders of real test images (any fsspec URL, may run through a tar)
+    test_per_class: int | None = None  # the first N test images of each class (None: all)
+    allow_incomplete: bool = False  # use the complete shards of an unfinished run
+    shuffle_buffer: int = 1000  # samples; 0 reads in shard order
+    loader_workers: int = 1  # DataLoader worker processes per Ray Train worker
+    augment: bool = True  # random crop (4-pixel padding) and horizontal flip
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("shards is required (a run folder, manifest, shards folder or glob)")
+        if self.shuffle_buffer < 0 or self.loader_workers < 0:
+            raise ValueError("shuffle_buffer and loader_workers must be non-negative")
+        if self.test_per_class is not None and self.test_per_class < 1:
+            raise ValueError(f"test_per_class must be positive, got {self.test_per_class}")
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet20"  # any name of the architecture registry
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128  # global: split over the Ray Train workers
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step (x gamma at each milestone)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
+    gamma: float = 0.1
+    temperature: float = 5.0  # Hinton KD temperature
+    alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the hard-label term
+    logits: str = "online"  # online (run the teacher) | stored (the shards' logits.npy)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+        if self.schedule not in ("cosine", "step"):
+            raise ValueError(f"schedule must be cosine or step, got {self.schedule!r}")
+        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
+            raise ValueError("alpha must be in [0, 1] and temperature positive")
+        if self.logits not in ("online", "stored"):
+            raise ValueError(f"logits must be online or stored, got {self.logits!r}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError("milestones are fractions of the epochs, each in (0, 1)")
+
+
+@dataclass
+class PruneConfig:
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    epochs: int = 20  # NaturalInversion's fine-tuning
+    lr: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must be fractions in (0, 1), got {self.ratios}")
+        if self.epochs < 0 or self.lr <= 0:
+            raise ValueError("epochs must be non-negative and lr positive")
+
+
+@dataclass
+class FidelityConfig:
+    # independent classifiers trained on real data: [{arch, checkpoint, name?}, …]
+    networks: list[dict[str, Any]] = field(default_factory=list)
+    max_images: int = 2000  # synthetic and real images compared (each)
+    k: int = 3  # neighbours for the precision/recall manifolds
+    tsne: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_images < 10 or self.k < 1:
+            raise ValueError("max_images must be at least 10 and k positive")
+        for network in self.networks:
+            if not isinstance(network, dict) or not {"arch", "checkpoint"} <= set(network):
+                raise ValueError("each of networks needs arch and checkpoint")
+
+
+@dataclass
+class EvalRuntimeConfig:
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray on this machine
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker (nccl); CPU workers use gloo
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker deaths survived, resuming from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
+            raise ValueError("num_workers and cpus_per_worker must be positive")
+
+
+@dataclass
+class EvalConfig:
+    run: EvalRunConfig
+    data: DataConfig
+    teacher: TeacherConfig | None
+    student: StudentConfig
+    train: TrainConfig
+    prune: PruneConfig
+    fidelity: FidelityConfig
+    runtime: EvalRuntimeConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "run": EvalRunConfig,
+    "data": DataConfig,
+    "student": StudentConfig,
+    "train": TrainConfig,
+    "prune": PruneConfig,
+    "fidelity": FidelityConfig,
+    "runtime": EvalRuntimeConfig,
+}
+
+
+def load_eval_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """Read an evaluation YAML, apply ``key.path=value`` overrides, validate everything."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise InputError(f"config {path}: cannot be read ({error.strerror})") from error
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"config {path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise InputError(f"config {path}: the top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(data, override)
+    return parse_eval_config(data)
+
+
+def parse_eval_config(data: dict[str, Any]) -> EvalConfig:
+    """Validate a plain mapping into an :class:`EvalConfig`."""
+    valid = [*SECTIONS, "teacher"]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise InputError(
+            f"unknown config section {unknown[0]!r}; valid sections: {', '.join(valid)}"
+        )
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = data.get(name) or {}
+        if not isinstance(value, dict):
+            raise InputError(f"{name}: expected a mapping of fields, got {type(value).__name__}")
+        sections[name] = build(cls, value, name)
+    teacher = data.get("teacher")
+    if teacher is not None and not isinstance(teacher, dict):
+        raise InputError("teacher: expected a mapping of fields")
+    return EvalConfig(
+        teacher=build(TeacherConfig, teacher, "teacher") if teacher else None, **sections
+    )

@@ -1,0 +1,242 @@
+"""Stream a run's WebDataset shards into PyTorch training.
+
+:func:`resolve_shards` (from :mod:`evaluation.sources`) turns a source (a run folder,
+its ``manifest.json``, a shards folder, a glob, or a list of tar URLs; local or
+``s3://``) into the list of complete shards with their sidecars.
+:class:`ShardDataset` is an ``IterableDataset`` that reads
+them, checks every tar against its sidecar's sha256 and every member name, decodes PNG,
+applies the teacher's normalisation and yields ``(image, label)`` or
+``(image, label, logits)``.
+
+Splitting without overlap. The consumers are ``world_size`` Ray Train ranks times
+``num_workers`` DataLoader workers per rank; consumer ``c = rank * num_workers + worker``.
+With at least as many shards as consumers, the shards (in an order shuffled per epoch,
+the same on every consumer) go round-robin to consumers, and each consumer reads only its
+own shards. With fewer shards than consumers, every consumer reads every shard and keeps
+the samples whose position in the epoch's sample order is ``c`` modulo the number of
+consumers. Either way each sample is seen exactly once per epoch. Sample counts come
+from the sidecars, so :meth:`ShardDataset.batches` tells every rank, before reading
+anything, how many batches each rank gets (DDP needs the same number of steps on all).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from evaluation.sources import ShardError, ShardRef, ShardSet, read_shard, resolve_shards
+from pipeline.errors import InputError
+from pipeline.images import decode
+from pipeline.storage import redact
+
+__all__ = [
+    "Consumer",
+    "ShardDataset",
+    "ShardError",
+    "ShardRef",
+    "ShardSet",
+    "load_all",
+    "probe",
+    "read_shard",
+    "resolve_shards",
+]
+
+
+@dataclass
+class Consumer:
+    """Who reads: Ray Train rank and DataLoader worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def count(self) -> int:
+        return self.world_size * self.num_workers
+
+
+class ShardDataset(IterableDataset):
+    """Samples of ``shards`` for one Ray Train rank, split over its DataLoader workers.
+
+    Yields ``(image (3, H, W) float32 normalised, label)`` and, with ``logits=True``,
+    the stored teacher logits ``(K,)`` float32 as a third item. ``augment`` applies a
+    random 4-pixel-padded crop and horizontal flip. Call :meth:`set_epoch` before each
+    epoch: the shard order and the shuffle buffer are seeded by (seed, epoch).
+    """
+
+    def __init__(
+        self,
+        shards: list[ShardRef],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        image_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 0,
+        logits: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.shards = list(shards)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.image_size = image_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.logits = logits
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.storage_options = dict(storage_options or {})
+
+    def __repr__(self) -> str:  # no storage secrets in logs
+        return (
+            f"ShardDataset({len(self.shards)} shards, rank {self.rank}/{self.world_size}, "
+            f"options={redact(self.storage_options)})"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def consumer(self) -> Consumer:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return Consumer(self.rank, self.world_size, worker, workers)
+
+    def epoch_order(self) -> list[int]:
+        """Shard indices in this epoch's order (the same on every consumer)."""
+        order = list(range(len(self.shards)))
+        if self.shuffle_buffer:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        return order
+
+    def assignment(self, consumer: Consumer) -> tuple[list[int], bool]:
+        """(shard indices to read, whether to stride over samples) for ``consumer``."""
+        order = self.epoch_order()
+        if len(order) >= consumer.count:
+            return order[consumer.index :: consumer.count], False
+        return order, True
+
+    def sample_count(self, consumer: Consumer) -> int:
+        """How many samples ``consumer`` yields this epoch (from the sidecars' counts)."""
+        shards, stride = self.assignment(consumer)
+        if not stride:
+            return sum(self.shards[i].samples for i in shards)
+        total = sum(self.shards[i].samples for i in shards)
+        return len(range(consumer.index, total, consumer.count))
+
+    def batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:
+        """Batches a DataLoader (``batch_size``, ``num_workers``) yields on ``rank`` this epoch."""
+        rank = self.rank if rank is None else rank
+        workers = max(num_workers, 1)
+        return sum(
+            -(-self.sample_count(Consumer(rank, self.world_size, w, workers)) // batch_size)
+            for w in range(workers)
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        consumer = self.consumer()
+        seed = f"{self.seed}-{self.epoch}-{consumer.index}"
+        generator = torch.Generator().manual_seed(random.Random(seed).getrandbits(62))
+        samples = self._samples(consumer)
+        if self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, random.Random(seed))
+        for sample, url in samples:
+            yield self._decode(sample, url, generator)
+
+    def _samples(self, consumer: Consumer) -> Iterator[tuple[dict[str, bytes], str]]:
+        shards, stride = self.assignment(consumer)
+        position = 0
+        for index in shards:
+            shard = self.shards[index]
+            for sample in read_shard(shard, self.storage_options):
+                if not stride or position % consumer.count == consumer.index:
+                    yield sample, shard.url
+                position += 1
+
+    def _decode(
+        self, sample: dict[str, bytes], url: str, generator: torch.Generator
+    ) -> tuple[torch.Tensor, ...]:
+        key = sample["__key__"].decode()
+        if "png" not in sample or "cls" not in sample:
+            raise ShardError(f"{url}: sample {key} lacks png or cls")
+        array = decode(sample["png"], f"{url}:{key}.png")
+        if self.image_size and array.shape[:2] != (self.image_size, self.image_size):
+            raise InputError(
+                f"{url}: images are {array.shape[1]}x{array.shape[0]}, the model expects "
+                f"{self.image_size}x{self.image_size}"
+            )
+        image = torch.tensor(array).permute(2, 0, 1)  # (3, H, W) uint8
+        if self.augment:
+            image = _crop_flip(image, generator)
+        image = (image.float() / 255.0 - self.mean) / self.std
+        label = int(sample["cls"])
+        if not self.logits:
+            return image, label
+        if "logits.npy" not in sample:
+            raise ShardError(f"{url}: sample {key} has no logits.npy (stored logits asked for)")
+        logits = np.load(io.BytesIO(sample["logits.npy"]), allow_pickle=False)
+        return image, label, torch.from_numpy(logits.astype(np.float32))
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer of ``size`` items (as webdataset's ``shuffle``)."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        buffer[slot], item = item, buffer[slot]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _crop_flip(image: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop from a zero-padded copy and random horizontal flip; (3, H, W)."""
+    _, height, width = image.shape
+    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+    y, x = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    crop = padded[:, y : y + height, x : x + width]
+    return crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop
+
+
+def probe(shards: ShardSet, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Image size, logits presence and class count of the first sample (cheap checks)."""
+    first = read_shard(shards.shards[0], options)[0]
+    array = decode(first["png"], f"{shards.shards[0].url}:{first['__key__'].decode()}.png")
+    logits = None
+    if "logits.npy" in first:
+        logits = np.load(io.BytesIO(first["logits.npy"]), allow_pickle=False).shape[-1]
+    return {"image_size": array.shape[:2], "logits": logits}
+
+
+def load_all(
+    shards: ShardSet, limit: int | None = None, options: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``limit`` samples as uint8 images (N, 3, H, W) and labels (N,), in order."""
+    images, labels = [], []
+    for shard in shards.shards:
+        if limit is not None and len(images) >= limit:
+            break
+        for sample in read_shard(shard, options)[: None if limit is None else limit - len(images)]:
+            key = sample["__key__"].decode()
+            images.append(decode(sample["png"], f"{shard.url}:{key}.png"))
+            labels.append(int(sample["cls"]))
+    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return stacked, torch.tensor(labels, dtype=torch.int64)

@@ -1,0 +1,306 @@
+"""The one training loop (KD, from scratch, pruned fine-tuning) under Ray Train.
+
+:func:`fit` runs :func:`train_loop` on ``runtime.num_workers`` ``TorchTrainer`` workers
+(gloo on CPU, nccl on GPU). Each worker streams its share of the shards
+(:class:`evaluation.loader.ShardDataset`); rank 0 evaluates on the real test set after
+every epoch and saves a checkpoint (model, optimizer, schedule, history) into the run's
+storage. When a worker dies, Ray Train restarts the group (``FailureConfig``) and the
+loop resumes from the last checkpoint, not from epoch 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from evaluation.config import EvalRuntimeConfig
+from evaluation.loader import ShardDataset, ShardRef
+from pipeline.errors import InputError
+from pipeline.storage import filesystem, protocol_of
+
+log = logging.getLogger("dreamshard.evaluation")
+CHECKPOINT_FILE = "state.pt"
+
+
+@dataclass
+class TrainJob:
+    """Everything a Ray Train worker needs (pickled into the trainer's config)."""
+
+    model: nn.Module  # the student, or the pruned teacher, before training
+    teacher: nn.Module | None  # online KD targets; None: stored logits or hard labels only
+    shards: list[ShardRef]
+    test: tuple[torch.Tensor, torch.Tensor]  # uint8 (N, 3, H, W), labels (N,)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    num_classes: int
+    epochs: int
+    batch_size: int  # global, split over the workers
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    temperature: float = 5.0
+    alpha: float = 0.0  # 0: hard labels only
+    stored_logits: bool = False
+    shuffle_buffer: int = 1000
+    loader_workers: int = 1
+    augment: bool = True
+    seed: int = 0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Hinton KD: ``alpha`` T² KL(teacher_T ‖ student_T) + (1 - ``alpha``) CE(labels)."""
+    hard = F.cross_entropy(student, labels)
+    if teacher is None or alpha == 0:
+        return hard
+    soft = F.kl_div(
+        F.log_softmax(student / temperature, dim=1),
+        F.log_softmax(teacher / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, job: TrainJob, device: torch.device, batch: int = 500) -> dict:
+    """Top-1 and per-class accuracy of ``model`` on the job's real test set."""
+    model.eval()
+    images, labels = job.test
+    mean = torch.tensor(job.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(job.std, device=device).view(1, -1, 1, 1)
+    predictions = []
+    for start in range(0, len(images), batch):
+        x = (images[start : start + batch].to(device).float() / 255.0 - mean) / std
+        predictions.append(model(x).argmax(1).cpu())
+    correct = torch.cat(predictions) == labels
+    per_class = [
+        correct[labels == c].float().mean().item() if (labels == c).any() else None
+        for c in range(job.num_classes)
+    ]
+    return {"accuracy": correct.float().mean().item(), "per_class": per_class}
+
+
+def schedule_factor(job: TrainJob, epoch: int) -> float:
+    """The learning-rate multiplier for ``epoch`` (0-based)."""
+    if job.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / job.epochs))
+    return job.gamma ** sum(epoch >= round(m * job.epochs) for m in job.milestones)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker loop (runs inside Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    job: TrainJob = config["job"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.get("threads", 1))
+    torch.manual_seed(job.seed + rank)
+    device = ray.train.torch.get_device()
+    model = job.model
+    state = {"epoch": 0, "history": [], "best": None, "resumed_from": []}
+    checkpoint, saved = ray.train.get_checkpoint(), None
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            path = os.path.join(folder, CHECKPOINT_FILE)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        state = saved["state"]
+        state["resumed_from"].append(state["epoch"])
+    model = ray.train.torch.prepare_model(model)  # DDP; moves to the device
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay
+    )
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])  # moves its state to the device
+    teacher = job.teacher.to(device).eval() if job.teacher is not None else None
+    dataset = ShardDataset(
+        job.shards,
+        job.mean,
+        job.std,
+        image_size=job.image_size,
+        rank=rank,
+        world_size=world,
+        shuffle_buffer=job.shuffle_buffer,
+        logits=job.stored_logits,
+        augment=job.augment,
+        seed=job.seed,
+        storage_options=job.storage_options,
+    )
+    per_worker = max(1, -(-job.batch_size // world))
+    for epoch in range(state["epoch"], job.epochs):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = job.lr * schedule_factor(job, epoch)
+        dataset.set_epoch(epoch)
+        # DDP needs the same number of steps everywhere: the fewest any rank has
+        steps = min(dataset.batches(per_worker, job.loader_workers, r) for r in range(world))
+        loader = DataLoader(dataset, batch_size=per_worker, num_workers=job.loader_workers)
+        loss_sum, seen = _epoch(model, teacher, loader, optimizer, job, device, steps)
+        entry = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples": seen,
+            "seconds": time.perf_counter() - started,
+        }
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                result = evaluate(model.module if world > 1 else model, job, device)
+                entry.update(test_accuracy=result["accuracy"], per_class=result["per_class"])
+                if state["best"] is None or result["accuracy"] > state["best"]["test_accuracy"]:
+                    state["best"] = {"epoch": epoch + 1, "test_accuracy": result["accuracy"]}
+                state["history"].append(entry)
+                state["epoch"] = epoch + 1
+                plain = model.module if world > 1 else model
+                torch.save(
+                    {
+                        "model": {k: v.cpu() for k, v in plain.state_dict().items()},
+                        "optimizer": optimizer.state_dict(),
+                        "state": state,
+                    },
+                    os.path.join(folder, CHECKPOINT_FILE),
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            metrics = {k: v for k, v in entry.items() if k != "per_class"}
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int):
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
+        images, labels = batch[0].to(device), batch[1].to(device)
+        if job.stored_logits:
+            targets = batch[2].to(device)
+        elif teacher is not None:
+            with torch.no_grad():
+                targets = teacher(images)
+        else:
+            targets = None
+        loss = kd_loss(model(images), targets, labels, job.temperature, job.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        seen += len(labels)
+    return loss_sum, seen
+
+
+def connect(runtime: EvalRuntimeConfig):
+    """Ray: already initialised, ``runtime.address`` / ``RAY_ADDRESS``, or a local cluster."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        address = runtime.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    return ray
+
+
+def check_placement(runtime: EvalRuntimeConfig, resources: dict[str, float]) -> None:
+    """:class:`InputError` when the cluster cannot place the workers (instead of hanging)."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if runtime.use_gpu and gpus < runtime.num_workers:
+        raise InputError(
+            f"runtime.num_workers={runtime.num_workers} with use_gpu needs "
+            f"{runtime.num_workers} GPUs; the Ray cluster has {gpus:g}"
+        )
+    needed = runtime.num_workers * runtime.cpus_per_worker
+    if cpus < needed:
+        raise InputError(
+            f"runtime.num_workers={runtime.num_workers} x cpus_per_worker="
+            f"{runtime.cpus_per_worker:g} needs {needed:g} CPUs; the Ray cluster has {cpus:g}. "
+            "Lower runtime.num_workers or cpus_per_worker"
+        )
+
+
+def storage_for(url: str, options: dict[str, Any] | None) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray Train from an fsspec URL."""
+    if protocol_of(url) == "file":
+        return os.path.abspath(url.removeprefix("file://")), None
+    import pyarrow.fs
+
+    fs, path = filesystem(url, options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def fit(
+    job: TrainJob, runtime: EvalRuntimeConfig, storage_url: str, name: str, options=None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``job`` under ``TorchTrainer``; returns (trained model, history and best/final)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray = connect(runtime)
+    check_placement(runtime, ray.cluster_resources())
+    path, storage_fs = storage_for(storage_url, options)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job, "threads": max(1, int(runtime.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=runtime.num_workers,
+            use_gpu=runtime.use_gpu,
+            resources_per_worker={"CPU": runtime.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=runtime.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        saved = torch.load(
+            os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True
+        )
+    model = copy.deepcopy(job.model)
+    model.load_state_dict(saved["model"])
+    state = saved["state"]
+    final = state["history"][-1]
+    summary = {
+        "history": state["history"],
+        "best": state["best"],
+        "final": {"epoch": final["epoch"], "test_accuracy": final["test_accuracy"]},
+        "per_class": final["per_class"],
+        "resumed_from": state["resumed_from"],
+        "checkpoints": result.path,
+    }
+    return model.eval(), summary
+
+
+def evaluate_untrained(job: TrainJob) -> dict:
+    """Test accuracy of ``job.model`` as it is (on the CPU, in this process)."""
+    return evaluate(job.model, job, torch.device("cpu"))

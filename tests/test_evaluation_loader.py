@@ -1,0 +1,155 @@
+"""The streaming loader on real tars: split without overlap, logits, sha256, incomplete runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from evaluation.loader import ShardDataset, ShardError, load_all, read_shard, resolve_shards
+from pipeline.errors import InputError
+from pipeline.shards import Sample, write_shard
+
+
+def write_run(root: Path, sizes: list[int], image_size: int = 8, logits: bool = True) -> Path:
+    """Shards whose sample ``i`` (over all shards) has label ``i`` and pixel value ``i % 256``."""
+    shards = root / "shards"
+    position = 0
+    for index, size in enumerate(sizes):
+        samples = []
+        for slot in range(size):
+            image = np.full((image_size, image_size, 3), position % 256, np.uint8)
+            scores = np.arange(4, dtype=np.float32) + position if logits else None
+            samples.append(Sample(f"{index:06d}-{slot:05d}", image, position, {}, scores))
+            position += 1
+        url = str(shards / f"train-{index:06d}.tar")
+        sha256, _ = write_shard(url, samples)
+        sidecar = {"sha256": sha256, "samples": size, "shard": f"train-{index:06d}"}
+        (shards / f"train-{index:06d}.json").write_text(json.dumps(sidecar))
+    return root
+
+
+def labels_seen(shards, world_size: int, workers: int, epoch: int) -> tuple[Counter, list[int]]:
+    seen: Counter = Counter()
+    batches = []
+    for rank in range(world_size):
+        dataset = ShardDataset(
+            shards, (0.0,) * 3, (1.0,) * 3, rank=rank, world_size=world_size, shuffle_buffer=7
+        )
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=3, num_workers=workers)
+        count = 0
+        for _, labels in loader:
+            seen.update(labels.tolist())
+            count += 1
+        assert count == dataset.batches(3, workers)  # known before reading
+        batches.append(count)
+    return seen, batches
+
+
+@pytest.mark.parametrize("sizes", [[5, 6, 4, 7, 5, 3], [9, 8]], ids=["by-shard", "by-sample"])
+def test_two_ranks_times_two_workers_see_every_sample_exactly_once(
+    tmp_path: Path, sizes: list[int]
+) -> None:
+    shards = resolve_shards(str(write_run(tmp_path, sizes) / "shards")).shards
+    total = sum(sizes)
+    orders = []
+    for epoch in (0, 1):
+        seen, _ = labels_seen(shards, world_size=2, workers=2, epoch=epoch)
+        assert seen == Counter(range(total))  # every sample, exactly once
+        dataset = ShardDataset(shards, (0.0,) * 3, (1.0,) * 3, shuffle_buffer=7)
+        dataset.set_epoch(epoch)
+        orders.append([label for _, label in dataset])
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(total))
+    assert orders[0] != orders[1] != list(range(total))  # shuffled, differently per epoch
+
+
+def test_images_are_normalised_and_stored_logits_round_trip(tmp_path: Path) -> None:
+    shards = resolve_shards(str(write_run(tmp_path, [4, 3]) / "shards"))
+    mean, std = (0.5, 0.25, 0.0), (0.5, 0.5, 2.0)
+    dataset = ShardDataset(shards.shards, mean, std, image_size=8, logits=True)
+    items = list(dataset)
+    assert len(items) == 7 == shards.samples
+    for image, label, logits in items:
+        value = label / 255.0
+        expected = torch.tensor([(value - m) / s for m, s in zip(mean, std, strict=True)])
+        assert image.shape == (3, 8, 8)
+        assert torch.allclose(image[:, 0, 0], expected, atol=1e-6)
+        assert logits.dtype == torch.float32
+        assert torch.equal(logits, torch.arange(4, dtype=torch.float32) + label)  # exact in fp16
+    images, labels = load_all(shards, limit=5)
+    assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_sha256_mismatch_names_the_shard(tmp_path: Path) -> None:
+    run = write_run(tmp_path, [3, 3])
+    tar = run / "shards" / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's payload
+    tar.write_bytes(bytes(data))
+    shards = resolve_shards(str(run / "shards")).shards
+    dataset = ShardDataset(shards, (0.0,) * 3, (1.0,) * 3)
+    with pytest.raises(ShardError, match=r"train-000001\.tar: sha256 .* does not match"):
+        list(dataset)
+
+
+def test_an_incomplete_run_is_refused_unless_allowed(tmp_path: Path, monkeypatch) -> None:
+    run = write_run(tmp_path, [3, 3, 3])
+    (run / "shards" / "train-000002.json").unlink()
+    with pytest.raises(InputError, match="1 shard.* without a sidecar.*--allow-incomplete"):
+        resolve_shards(str(run / "shards"))
+    monkeypatch.chdir(run)  # relative sources resolve to absolute URLs (for remote workers)
+    allowed = resolve_shards("shards/train-*.tar", allow_incomplete=True)
+    assert all(Path(s.url).is_absolute() for s in allowed.shards)
+    assert [Path(s.url).name for s in allowed.shards] == ["train-000000.tar", "train-000001.tar"]
+    (run / "run.json").write_text("{}")  # a run folder without a manifest is unfinished
+    with pytest.raises(InputError, match="no manifest.json yet.*--allow-incomplete"):
+        resolve_shards(str(run))
+    assert resolve_shards(str(run), allow_incomplete=True).samples == 6
+
+
+def test_unsafe_members_and_wrong_image_sizes_are_refused(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.png")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    (shards / "bad.tar").write_bytes(buffer.getvalue())
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (shards / "bad.json").write_text(json.dumps({"sha256": digest, "samples": 1}))
+    (bad,) = resolve_shards(str(shards / "bad.tar")).shards
+    with pytest.raises(ShardError, match=r"bad\.tar: unsafe tar member '\.\./escape\.png'"):
+        read_shard(bad)
+    good = resolve_shards(str(write_run(tmp_path / "run", [2]))).shards
+    with pytest.raises(InputError, match="images are 8x8, the model expects 32x32"):
+        list(ShardDataset(good, (0.0,) * 3, (1.0,) * 3, image_size=32))
+
+
+@pytest.mark.slow
+def test_a_real_run_on_s3_streams_through_its_manifest(make_config, s3_server) -> None:
+    from pipeline.runtime import run_job
+
+    bucket = s3_server.make_bucket()
+    options = s3_server.storage_options()
+    config = make_config(run={"output": f"s3://{bucket}/runs", "storage_options": options})
+    manifest = run_job(config)
+    shards = resolve_shards(manifest["run_url"], options)
+    assert shards.manifest["teacher_digest"] == manifest["teacher_digest"]
+    assert [s.url for s in shards.shards] == [s["url"] for s in manifest["shards"]]
+    mean, std = config.teacher.mean, config.teacher.std
+    dataset = ShardDataset(
+        shards.shards, mean, std, image_size=32, logits=True, storage_options=options
+    )
+    labels = [int(label) for _, label, logits in dataset if logits.shape == (10,)]
+    assert sorted(labels) == sorted(c for c in range(10) for _ in range(4 if c < 2 else 3))
