@@ -70,6 +70,7 @@ class ShardWorker:
             seed,
             t.mean,
             t.std,
+            min_confidence=f.min_confidence if (f := self.config.filter).enabled else None,
         )
 
     def synthesize_batch(self, task: ShardTask, batch: int, labels: list[int]) -> BatchOutcome:
