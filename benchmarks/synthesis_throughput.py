@@ -136,6 +136,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "this": {},
     "fused_moments off": {"fused_moments": False},
     "fused_optimizer off": {"fused_optimizer": False},
+    "affine_batchnorm off": {"affine_batchnorm": False},
     "channels_last off": {"channels_last": False},
     "precision fp32": {"precision": "fp32"},
     "trainable teacher": {},

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from synthesizers.affine import affine_batchnorm
 from synthesizers.hooks import capture_statistics
 from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.parametrisation import Parametrisation, PixelImages
@@ -232,7 +233,12 @@ class Synthesizer:
         stages = self.stages()
         scaler = grad_scaler(self.dtype, self.device)
         moments = fused_sample_moments if self.config.fused_moments else sample_moments
-        with capture_statistics(self.feature_layers(), self.feature_side, moments) as features:
+        affine = self.config.affine_batchnorm
+        batchnorm = affine_batchnorm(list(self.teacher.modules())) if affine else nullcontext()
+        with (
+            batchnorm,
+            capture_statistics(self.feature_layers(), self.feature_side, moments) as features,
+        ):
             for number, stage in enumerate(stages):
                 weights = self.weights(stage)
                 optimizer = self.optimizer(parametrisation, stage)

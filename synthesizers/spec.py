@@ -27,6 +27,7 @@ class SynthesizerConfig:
     # (tests/test_performance.py checks each against the plain path).
     fused_moments: bool = True  # one-pass feature moments with a hand-written backward
     fused_optimizer: bool = True  # Adam's fused kernel (foreach where there is none)
+    affine_batchnorm: bool = True  # eval-mode BN of the frozen teacher as one multiply-add
     compile: str = "auto"  # auto | on | off: torch.compile the teacher-plus-loss step
     cuda_graphs: bool = True  # with compile on a GPU: replay the step as a CUDA graph
     # Early stopping (off: paper-faithful runs do every iteration): stop a batch when

@@ -27,6 +27,7 @@ PLAIN = {
     "channels_last": False,
     "fused_moments": False,
     "fused_optimizer": False,
+    "affine_batchnorm": False,
     "compile": "off",
 }
 
@@ -74,6 +75,7 @@ def assert_close(actual: dict[str, float], expected: dict[str, float], rtol: flo
     [
         ("fused_moments", True, 1e-4),
         ("fused_optimizer", True, 1e-4),
+        ("affine_batchnorm", True, 1e-4),
         ("channels_last", True, 1e-4),
         ("precision", "bf16", 5e-2),
         ("precision", "fp16", 5e-2),
@@ -87,7 +89,7 @@ def test_each_switch_gives_the_plain_loss(switch: str, value: object, rtol: floa
 
 def test_every_switch_on_together_gives_the_plain_loss() -> None:
     optimised = {**PLAIN, "precision": "bf16", "channels_last": True}
-    optimised |= {"fused_moments": True, "fused_optimizer": True}
+    optimised |= {"fused_moments": True, "fused_optimizer": True, "affine_batchnorm": True}
     assert_close(losses(**optimised), losses(), 5e-2)
 
 
@@ -195,3 +197,10 @@ def test_worker_hands_the_filter_threshold_to_the_synthesizer(make_config) -> No
     assert ShardWorker(on, "unused").spec([0, 1], 3).min_confidence == 0.7
     off = make_config(filter={"enabled": False})
     assert ShardWorker(off, "unused").spec([0, 1], 3).min_confidence is None
+
+
+def test_affine_batchnorm_is_undone_after_synthesis() -> None:
+    teacher = tiny_teacher()
+    synth = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
+    synth.synthesize(spec())
+    assert all("forward" not in vars(module) for module in teacher.modules())
