@@ -202,7 +202,8 @@ class Synthesizer:
         """``forward_loss``, compiled once per synthesizer when ``compile`` resolves to on
         (fixed shapes per actor, so one compilation serves every batch)."""
         if self._compiled is None:
-            if compile_enabled(self.config.compile, self.device):
+            iterations = sum(stage.iterations for stage in self.stages())
+            if compile_enabled(self.config.compile, self.device, iterations):
                 graphs = self.device.type == "cuda" and self.config.cuda_graphs
                 mode = "reduce-overhead" if graphs else None
                 self._compiled = torch.compile(self.forward_loss, mode=mode)

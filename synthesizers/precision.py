@@ -57,13 +57,18 @@ def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> Any:
     return _NoScaler()
 
 
-def compile_enabled(setting: str, device: torch.device) -> bool:
-    """Whether ``compile`` (auto | on | off) compiles the step on ``device``.
+COMPILE_MIN_ITERATIONS_CPU = 1000  # below this, compiling on a CPU costs more than it saves
 
-    auto: on for CUDA, off for CPUs. On 2 CPU cores compiling a ResNet-20 step took
-    minutes and the compiled step was not faster than the eager one with fused
-    moments (benchmarks/README.md), so it does not pay there.
+
+def compile_enabled(setting: str, device: torch.device, iterations: int) -> bool:
+    """Whether ``compile`` (auto | on | off) compiles the step on ``device`` for a
+    synthesizer that runs ``iterations`` iterations per batch.
+
+    auto: on for CUDA; on a CPU only for long runs. On 2 CPU cores (shared, heavily
+    loaded) compiling the ResNet-20 step at batch 256 took 216 s and the compiled step
+    then ran 2.9x faster than the eager one (benchmarks/README.md): that pays back within
+    a few hundred iterations of a 2,000-iteration batch, never in a short test run.
     """
     if setting == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" or iterations >= COMPILE_MIN_ITERATIONS_CPU
     return setting == "on"

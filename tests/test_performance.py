@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import synthesizers.base
-from synthesizers import SynthesisSpec, build_synthesizer
-from synthesizers.deepinversion import DeepInversionConfig
+from synthesizers import Stage, SynthesisSpec, build_synthesizer
+from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
 from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.precision import compile_enabled
 
@@ -97,6 +97,34 @@ def test_compiled_step_gives_the_eager_loss() -> None:
     assert_close(losses(iterations=3, compile="on"), losses(iterations=3), 1e-3)
 
 
+class TwoStageDeepInversion(DeepInversion):
+    """Python-side per-step logic: two stages with their own weights, an after_step."""
+
+    def stages(self) -> list[Stage]:
+        return [Stage("warm", 2), Stage("main", 2)]
+
+    def weights(self, stage: Stage) -> dict[str, float]:
+        return {**super().weights(stage), "tv": 0.0 if stage.name == "warm" else 1e-3}
+
+    def after_step(self, ctx) -> None:
+        self.steps.append((ctx.stage.name, ctx.iteration, float(ctx.logits.float().sum())))
+
+
+def test_compiled_step_keeps_stages_and_after_step() -> None:
+    runs = []
+    for mode in ("on", "off"):
+        config = DeepInversionConfig(**{**PLAIN, "compile": mode})
+        synth = TwoStageDeepInversion(tiny_teacher(), config)
+        synth.steps = []
+        runs.append((synth.synthesize(spec()).losses, synth.steps))
+    (compiled, compiled_steps), (eager, eager_steps) = runs
+    assert_close(compiled, eager, 1e-3)
+    assert [s[:2] for s in compiled_steps] == [s[:2] for s in eager_steps]
+    assert [s[:2] for s in eager_steps] == [("warm", 0), ("warm", 1), ("main", 0), ("main", 1)]
+    for (_, _, a), (_, _, b) in zip(compiled_steps, eager_steps, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)  # after_step saw the logits
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
     def broken(step, **options):
         def run(*args):
@@ -110,11 +138,13 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
     assert "running eagerly" in caplog.text
 
 
-def test_compile_auto_is_on_for_cuda_only() -> None:
-    assert compile_enabled("auto", torch.device("cuda")) is True
-    assert compile_enabled("auto", torch.device("cpu")) is False
-    assert compile_enabled("on", torch.device("cpu")) is True
-    assert compile_enabled("off", torch.device("cuda")) is False
+def test_compile_auto_is_on_for_cuda_and_for_long_cpu_runs() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_enabled("auto", cuda, 10) is True
+    assert compile_enabled("auto", cpu, 60) is False
+    assert compile_enabled("auto", cpu, 2000) is True
+    assert compile_enabled("on", cpu, 2) is True
+    assert compile_enabled("off", cuda, 2000) is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
