@@ -107,7 +107,7 @@ class TwoStageDeepInversion(DeepInversion):
         return {**super().weights(stage), "tv": 0.0 if stage.name == "warm" else 1e-3}
 
     def after_step(self, ctx) -> None:
-        self.steps.append((ctx.stage.name, ctx.iteration, float(ctx.logits.float().sum())))
+        self.steps.append((ctx.stage.name, ctx.iteration, float(ctx.logits.detach().float().sum())))
 
 
 def test_compiled_step_keeps_stages_and_after_step() -> None:
