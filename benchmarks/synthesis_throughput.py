@@ -13,18 +13,26 @@ of 32×32 images, two ways:
   hooks that store every BatchNorm input and compute the statistics after the forward.
 
 Both run the same loss (CE + 10 × BN-statistics distance + 2.5e-5 × TV, random jitter
-and flip), Adam with lr 0.05 on the pixels and a clip to the valid range. They run
-alternately in one process (this, reference, this, …) for ``--rounds`` rounds of
+and flip), Adam (lr 0.05, betas 0.5/0.9, cosine schedule) on the pixels and a clip to
+the valid range. Each ablation row is ``this`` with one switch turned off (see
+``ABLATIONS``). They run alternately in one process (reference, this, each ablation, …)
+for ``--rounds`` rounds of
 ``--iterations`` iterations; the first iteration of every round is a warm-up and is not
 counted. The table gives the median seconds per iteration, images/s = batch / that, the
 ratio this / reference, and the achieved FLOP/s, counted as 3 × the analytic forward
 FLOPs per image (forward + backward w.r.t. activations and input; the reference's weight
 gradients, about one more forward's worth, are extra work that is not counted).
 
+``--compile`` adds the compile time and steady state of ``compile=on``;
+``--quality-iterations N`` adds equal-quality runs (this, the plain path with every
+switch off, the reference: accept rate at ``--tau`` and final loss terms, same seeds)
+and the time to quality (the first early-stopping check where 95% of a batch passes).
+
 Run from the repository root::
 
     python benchmarks/synthesis_throughput.py [--device cpu] [--batch 256] \
-        [--teachers resnet20,resnet56] [--threads N] [--json results.json]
+        [--teachers resnet20,resnet56] [--threads N] [--json results.json] \
+        [--compile] [--quality-iterations 100 --quality-batch 32]
 
 Imports only torch, the standard library and the project (no Ray).
 """
@@ -35,6 +43,7 @@ import argparse
 import copy
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -181,7 +190,10 @@ def run_reference(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     pixels = torch.randn(len(labels), *SHAPE, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([pixels], lr=LR)
+    optimizer = torch.optim.Adam([pixels], lr=LR, betas=(0.5, 0.9))  # DeepInversion's
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # and its cosine schedule
+        optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations))
+    )
     stamps = []
     try:
         for _ in range(iterations):
@@ -211,6 +223,7 @@ def run_reference(
             model.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             with torch.no_grad():
                 pixels.copy_(torch.maximum(torch.minimum(pixels, high), low))
             sync(device)
@@ -311,20 +324,19 @@ def bench_quality(model, reference, args, device, mean, std) -> dict[str, Any]:
     n, tau = args.quality_iterations, args.tau
     labels = torch.arange(args.quality_batch, device=device) % 10
     synth = DeepInversion(copy.deepcopy(model), DeepInversionConfig(iterations=n), device)
+    plain = DeepInversion(copy.deepcopy(model), DeepInversionConfig(iterations=n, **PLAIN), device)
     seeds: list[dict[str, Any]] = []
     for seed in range(args.quality_seeds):
         spec = SynthesisSpec(labels, SHAPE, seed, tuple(mean), tuple(std))
-        this = synth.synthesize(spec)
+        row: dict[str, Any] = {"seed": seed}
+        for name, method in (("this", synth), ("plain path", plain)):
+            result = method.synthesize(spec)
+            row[name] = {"accept_rate": accept_rate(result.probs, labels, tau), **result.losses}
         outcome: dict[str, Any] = {}
         run_reference(reference, labels, mean, std, n, seed, outcome)
-        seeds.append(
-            {
-                "seed": seed,
-                "this": {"accept_rate": accept_rate(this.probs, labels, tau), **this.losses},
-                "reference": {"accept_rate": accept_rate(outcome["probs"], labels, tau)}
-                | outcome["losses"],
-            }
-        )
+        row["reference"] = {"accept_rate": accept_rate(outcome["probs"], labels, tau)}
+        row["reference"] |= outcome["losses"]
+        seeds.append(row)
     config = DeepInversionConfig(iterations=n, early_stop=True, early_stop_every=10)
     stopper = DeepInversion(copy.deepcopy(model), config, device)
     spec = SynthesisSpec(labels, SHAPE, 0, tuple(mean), tuple(std), min_confidence=tau)
@@ -344,6 +356,18 @@ def bench_quality(model, reference, args, device, mean, std) -> dict[str, Any]:
             "time_to_95": reached[0] if reached else None,
         },
     }
+
+
+# The same class with every speed switch off: fp32, NCHW, plain moments, per-tensor
+# Adam, the library's batch norm, eager.
+PLAIN = {
+    "precision": "fp32",
+    "channels_last": False,
+    "fused_moments": False,
+    "fused_optimizer": False,
+    "affine_batchnorm": False,
+    "compile": "off",
+}
 
 
 def peak_flops(precision: str, threads: int, device: torch.device) -> float:
@@ -409,7 +433,7 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             q = r["quality"]
             print(f"{r['arch']:<10}quality: batch {q['batch']}, {q['iterations']} iterations")
             for seed in q["seeds"]:
-                for key in ("this", "reference"):
+                for key in ("this", "plain path", "reference"):
                     terms = " ".join(
                         f"{k}={v:.4g}" for k, v in seed[key].items() if k != "accept_rate"
                     )
