@@ -6,7 +6,9 @@ thing optimised (:meth:`Synthesizer.parametrise`: pixels by default, a generator
 NaturalInversion), the stages (IMAGINE runs two), the layers whose statistics it reads,
 and an auxiliary network trained alternately (:meth:`Synthesizer.after_step`).
 The base owns seeding, mixed precision, channels_last, augmentation, the hooks, the
-optimiser and its cosine schedule, the sum of the weighted terms and their logging.
+optimiser and its cosine schedule, the sum of the weighted terms and their logging, and
+the speed switches of :class:`SynthesizerConfig` (fused moments and Adam, affine batch
+norm, ``torch.compile`` of :meth:`Synthesizer.forward_loss`) and early stopping.
 """
 
 from __future__ import annotations
