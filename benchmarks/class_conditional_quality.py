@@ -95,7 +95,13 @@ def main() -> None:
         run = work / "out" / method
         rows.append(measure(method, run, manifest, judge, args.tau, wall))
         shutil.copy(run / "preview.png", out / f"cpu-class-conditional-{method}.png")
-        print(json.dumps(rows[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+        write(out, args, rows)  # after every method: a partial table survives an interruption
+    print(table(json.loads((out / "cpu-class-conditional.json").read_text())))
+    shutil.rmtree(work)
+
+
+def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     result = {
         "benchmark": "class_conditional_quality",
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
@@ -107,8 +113,6 @@ def main() -> None:
     }
     (out / "cpu-class-conditional.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cpu-class-conditional.md").write_text(table(result))
-    print(table(result))
-    shutil.rmtree(work)
 
 
 def make_seed_folders(work: Path) -> tuple[Path, Path]:

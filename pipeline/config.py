@@ -328,12 +328,6 @@ def check_method(config: Config) -> None:
             "layers, and teacher.fuse_bn removes them; use synthesizer.name=class-conditional, "
             "which collects its own statistics (metadata section), or set teacher.fuse_bn=false"
         )
-    if method.uses_metadata and not config.metadata.configured and config.translation is None:
-        raise InputError(
-            f"synthesizer {config.synthesizer.name!r} needs feature statistics: set "
-            "metadata.source (class folders, or seed images with metadata.scenario) "
-            "or metadata.artifact"
-        )
     student_arch = getattr(config.synthesizer.params, "student_arch", "")
     if student_arch and not student_arch.startswith("torchvision:"):
         from pipeline.archs import architecture_names
@@ -347,6 +341,19 @@ def check_method(config: Config) -> None:
         raise InputError(
             f"metadata.scenario=seeds guides a method that matches statistics "
             f"(class-conditional); {config.synthesizer.name!r} does not"
+        )
+
+
+def check_inversion(config: Config) -> None:
+    """What an inversion run (``dreamshard run`` without a translation section) needs
+    beyond a valid config: statistics for a method that matches them. Checked before
+    anything runs; ``retrieve`` and ``translate`` never invert and skip it."""
+    method = get_synthesizer(config.synthesizer.name)
+    if method.uses_metadata and not config.metadata.configured:
+        raise InputError(
+            f"synthesizer {config.synthesizer.name!r} needs feature statistics: set "
+            "metadata.source (class folders, or seed images with metadata.scenario) "
+            "or metadata.artifact"
         )
 
 

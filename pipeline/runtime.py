@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.config import Config, check_inversion
 from pipeline.errors import InputError
 from pipeline.manifest import finalise_run, record_run
 from pipeline.metadata import ensure_metadata, feature_layers
@@ -52,6 +52,7 @@ def run_job(config: Config) -> dict[str, Any]:
         from pipeline.translation import run_translation
 
         return run_translation(config)
+    check_inversion(config)
     config = replace(
         config,
         run=replace(config.run, output=absolute(config.run.output)),

@@ -115,6 +115,7 @@ class ShardWorker:
             t.mean,
             t.std,
             guidance,
+            min_confidence=f.min_confidence if (f := self.config.filter).enabled else None,
         )
 
     def synthesize_batch(

@@ -6,7 +6,9 @@ thing optimised (:meth:`Synthesizer.parametrise`: pixels by default, a generator
 NaturalInversion), the stages (IMAGINE runs two), the layers whose statistics it reads,
 and an auxiliary network trained alternately (:meth:`Synthesizer.after_step`).
 The base owns seeding, mixed precision, channels_last, augmentation, the hooks, the
-optimiser and its cosine schedule, the sum of the weighted terms and their logging.
+optimiser and its cosine schedule, the sum of the weighted terms and their logging, and
+the speed switches of :class:`SynthesizerConfig` (fused moments and Adam, affine batch
+norm, ``torch.compile`` of :meth:`Synthesizer.forward_loss`) and early stopping.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from synthesizers.affine import affine_batchnorm
 from synthesizers.hooks import capture_statistics
+from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.parametrisation import Parametrisation, PixelImages
-from synthesizers.precision import autocast_dtype
+from synthesizers.precision import autocast_dtype, compile_enabled, grad_scaler
 from synthesizers.spec import (
     Stage,
     StepContext,
@@ -33,6 +39,7 @@ from synthesizers.spec import (
 )
 
 log = logging.getLogger("dreamshard.synthesizers")
+_NO_LOGITS = torch.empty(0)  # StepContext.logits until forward_loss sets it
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -41,6 +48,20 @@ def freeze(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def adam(
+    parameters: list[torch.Tensor], lr: float, betas: tuple[float, float], fused: bool = True
+) -> torch.optim.Adam:
+    """Adam with its fused kernel when ``fused`` and torch has one for the parameters'
+    device (CUDA; CPU since torch 2.4), else the multi-tensor (foreach) kernel;
+    ``fused=False`` is the plain per-tensor loop."""
+    if not fused:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=False)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=True)
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -88,6 +109,7 @@ class Synthesizer:
         if config.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
         self.dtype = autocast_dtype(config.precision, self.device)
+        self._compiled: Callable[..., Any] | None = None  # see _step_function
 
     # ---- what a method fills in -------------------------------------------------
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -113,8 +135,7 @@ class Synthesizer:
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:
         parameters = [p for p in parametrisation.parameters() if p.requires_grad]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.Adam(parameters, lr=self.config.lr, betas=self.config.betas, **fused)
+        return adam(parameters, self.config.lr, self.config.betas, self.config.fused_optimizer)
 
     def prepare(self, spec: SynthesisSpec) -> None:
         """Per-request setup (auxiliary networks, guidance checks); nothing by default."""
@@ -158,19 +179,56 @@ class Synthesizer:
             self.prepare(spec)
             parametrisation = self.parametrise(spec).to(self.device)
             labels = spec.labels.to(self.device)
-            final, iterations = self._optimise(spec, parametrisation, labels, rng)
+            run = self._optimise(spec, parametrisation, labels, rng, start)
             images, logits = self._verdict(parametrisation)
-        losses = {name: float(value) for name, value in final.items()}
+        losses = {name: float(value) for name, value in run.final.items()}
         log.info("%s final %s", self.name, _format_terms(losses))
         return SynthesisResult(
-            images=images,
+            images=images.float().cpu(),
             labels=spec.labels.clone(),
-            probs=torch.softmax(logits, dim=1),
-            logits=logits,
+            probs=torch.softmax(logits, dim=1).cpu(),
+            logits=logits.cpu(),
             losses=losses,
-            iterations=iterations,
+            iterations=run.iterations,
             seconds=time.perf_counter() - start,
+            checks=run.checks,
+            stopped_early=run.stopped_early,
         )
+
+    def forward_loss(
+        self, ctx: StepContext, weights: dict[str, float]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Teacher forward (sets ``ctx.logits``), loss terms and their weighted total: the
+        step that ``compile`` compiles (augmentation and the optimiser stay outside).
+        The context comes in built so that a compiled step is not specialised to
+        ``ctx.iteration`` unless the method's loss reads it."""
+        ctx.logits = self.teacher_forward(ctx.inputs)
+        terms = self.loss_terms(ctx)
+        return terms, weighted_total(terms, weights)
+
+    def _step_function(self) -> Callable[..., Any]:
+        """``forward_loss``, compiled once per synthesizer when ``compile`` resolves to on
+        (fixed shapes per actor, so one compilation serves every batch)."""
+        if self._compiled is None:
+            iterations = sum(stage.iterations for stage in self.stages())
+            if compile_enabled(self.config.compile, self.device, iterations):
+                graphs = self.device.type == "cuda" and self.config.cuda_graphs
+                mode = "reduce-overhead" if graphs else None
+                self._compiled = torch.compile(self.forward_loss, mode=mode)
+            else:
+                self._compiled = self.forward_loss
+        return self._compiled
+
+    def _forward_loss(self, *args: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        step = self._step_function()
+        if step == self.forward_loss:
+            return step(*args)
+        try:
+            return step(*args)
+        except Exception as error:  # a method torch.compile cannot trace: run eagerly
+            log.warning("%s: torch.compile failed (%s); running eagerly", self.name, error)
+            self._compiled = self.forward_loss
+            return self.forward_loss(*args)
 
     def _optimise(
         self,
@@ -178,33 +236,48 @@ class Synthesizer:
         parametrisation: Parametrisation,
         labels: torch.Tensor,
         rng: random.Random,
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        final: dict[str, torch.Tensor] = {}
-        done = 0
-        with capture_statistics(self.feature_layers(), self.feature_side) as features:
-            for stage in self.stages():
+        start: float,
+    ) -> _Run:
+        run = _Run()
+        stages = self.stages()
+        scaler = grad_scaler(self.dtype, self.device)
+        moments = fused_sample_moments if self.config.fused_moments else sample_moments
+        affine = self.config.affine_batchnorm
+        batchnorm = affine_batchnorm(list(self.teacher.modules())) if affine else nullcontext()
+        with (
+            batchnorm,
+            capture_statistics(self.feature_layers(), self.feature_side, moments) as features,
+        ):
+            for number, stage in enumerate(stages):
                 weights = self.weights(stage)
                 optimizer = self.optimizer(parametrisation, stage)
                 schedule = torch.optim.lr_scheduler.LambdaLR(
                     optimizer, lambda i, n=stage.iterations: 0.5 * (1 + math.cos(math.pi * i / n))
                 )
+                checking = (
+                    self.config.early_stop
+                    and spec.min_confidence is not None
+                    and number == len(stages) - 1  # only the last stage ends a batch
+                )
                 for iteration in range(stage.iterations):
                     images = parametrisation()
                     inputs = self.augment(images, rng)
-                    logits = self.teacher_forward(inputs)
                     ctx = StepContext(
-                        spec, stage, iteration, labels, images, inputs, logits, features
+                        spec, stage, iteration, labels, images, inputs, _NO_LOGITS, features
                     )
-                    terms = self.loss_terms(ctx)
-                    total = weighted_total(terms, weights)
+                    terms, total = self._forward_loss(ctx, weights)
                     optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    optimizer.step()
+                    scaler.scale(total).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     schedule.step()
                     parametrisation.project()
                     self.after_step(ctx)
-                    done += 1
-                    final = {**{k: v.detach() for k, v in terms.items()}, "total": total.detach()}
+                    run.iterations += 1
+                    run.final = {
+                        **{k: v.detach() for k, v in terms.items()},
+                        "total": total.detach(),
+                    }
                     every = self.config.log_every
                     if every and (iteration + 1) % every == 0:
                         log.info(
@@ -213,17 +286,64 @@ class Synthesizer:
                             stage.name,
                             iteration + 1,
                             stage.iterations,
-                            _format_terms(final),
+                            _format_terms(run.final),
                         )
-        return final, done
+                    due = (iteration + 1) % self.config.early_stop_every == 0
+                    last = iteration + 1 == stage.iterations
+                    if (
+                        checking
+                        and due
+                        and not last
+                        and self._check(run, parametrisation, labels, spec.min_confidence, start)
+                    ):
+                        run.stopped_early = True
+                        break
+        return run
+
+    def _check(
+        self,
+        run: _Run,
+        parametrisation: Parametrisation,
+        labels: torch.Tensor,
+        threshold: float,
+        start: float,
+    ) -> bool:
+        """Early-stopping check: True when every image passes the filter as it would be
+        stored (8-bit, fp32 teacher) and the total loss has plateaued since the last check."""
+        _, logits = self._verdict(parametrisation)
+        confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
+        passed = float(((confidence >= threshold) & (predicted == labels)).float().mean())
+        total = float(run.final["total"])
+        previous = run.checks[-1]["total"] if run.checks else math.inf
+        run.checks.append(
+            {
+                "iteration": run.iterations,
+                "seconds": time.perf_counter() - start,
+                "accepted": passed,
+                "total": total,
+            }
+        )
+        plateau = previous - total <= self.config.early_stop_tolerance * abs(previous)
+        return passed == 1.0 and plateau
 
     @torch.no_grad()
     def _verdict(self, parametrisation: Parametrisation) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images quantised to 8 bits (as stored) and the teacher's fp32 logits on them."""
+        """Images quantised to 8 bits (as stored) and the teacher's fp32 logits on them,
+        on the synthesizer's device."""
         images = parametrisation.to_unit(parametrisation().detach())
         images = (images * 255.0).round() / 255.0
         logits = self.teacher(parametrisation.normalise(images))
-        return images.float().cpu(), logits.float().cpu()
+        return images, logits.float()
+
+
+@dataclass
+class _Run:
+    """What the loop reports back to ``synthesize``."""
+
+    final: dict[str, torch.Tensor] = field(default_factory=dict)
+    iterations: int = 0
+    checks: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 def _format_terms(terms: dict[str, Any]) -> str:

@@ -18,21 +18,42 @@ class SynthesizerConfig:
     iterations: int = 2000
     lr: float = 0.05
     betas: tuple[float, float] = (0.5, 0.9)
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp16 (with loss scaling) | fp32
     channels_last: bool = True
     jitter: int = 2  # random translation in pixels, each iteration
     flip: bool = True  # random horizontal flip, each iteration
     log_every: int = 0  # log every term every N iterations; 0 logs only the end
+    # Speed switches: each changes how fast the loop runs, never what it computes
+    # (tests/test_performance.py checks each against the plain path).
+    fused_moments: bool = True  # one-pass feature moments with a hand-written backward
+    fused_optimizer: bool = True  # Adam's fused kernel (foreach where there is none)
+    affine_batchnorm: bool = True  # eval-mode BN of the frozen teacher as one multiply-add
+    compile: str = "auto"  # auto | on | off: torch.compile the teacher-plus-loss step
+    cuda_graphs: bool = True  # with compile on a GPU: replay the step as a CUDA graph
+    # Early stopping (off: paper-faithful runs do every iteration): stop a batch when
+    # every image already passes the filter (SynthesisSpec.min_confidence) and the
+    # total loss fell by less than early_stop_tolerance (relative) since the last check.
+    early_stop: bool = False
+    early_stop_every: int = 50  # iterations between checks (each costs one forward)
+    early_stop_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.jitter < 0:
             raise ValueError(f"jitter must be non-negative, got {self.jitter}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.early_stop_every < 1:
+            raise ValueError(f"early_stop_every must be at least 1, got {self.early_stop_every}")
+        if not 0.0 <= self.early_stop_tolerance < 1.0:
+            raise ValueError(
+                f"early_stop_tolerance must be in [0, 1), got {self.early_stop_tolerance}"
+            )
 
 
 @dataclass
@@ -49,6 +70,8 @@ class SynthesisSpec:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     guidance: dict[str, Any] = field(default_factory=dict)
+    # The filter's confidence threshold τ; early stopping needs it (None: never stop early).
+    min_confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.labels.ndim != 1 or self.labels.numel() == 0:
@@ -70,6 +93,10 @@ class SynthesisResult:
     losses: dict[str, float]  # final unweighted value of every term, and "total"
     iterations: int
     seconds: float
+    # Early-stopping checks, in order: iteration, seconds since start, the fraction of
+    # the batch that passed the filter, and the total loss (empty when no check ran).
+    checks: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 @dataclass(frozen=True)

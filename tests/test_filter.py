@@ -59,7 +59,7 @@ def test_a_verifier_that_disagrees_empties_a_class_and_the_run_says_which(
     verifier = always(0, tmp_path / "zero.pt")
     config = make_config(
         teacher={"checkpoint": str(shared(RESNET20))},
-        synthesizer={"name": "deepinversion", "iterations": 15, "lr": 0.1},
+        synthesizer={"name": "deepinversion", "iterations": 30, "lr": 0.1},
         plan={"num_images": 16, "batch_size": 8, "shard_size": 16, "classes": [0, 1]},
         filter={
             "enabled": True,

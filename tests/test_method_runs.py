@@ -100,3 +100,10 @@ def test_impression_decodes_class_codes_from_the_metadata_stage(
     assert artifact["side"] == "output" and artifact["layers"][0] == "conv1"
     info = json.loads(samples(tmp_path / "out" / "test")[0]["json"])
     assert "impression" in info["losses"]
+
+
+def test_a_method_that_matches_statistics_needs_a_metadata_source(make_config, tmp_path) -> None:
+    config = make_config(synthesizer={"name": "class-conditional", "iterations": 2})
+    with pytest.raises(InputError, match="needs feature statistics: set metadata.source"):
+        run_job(config)
+    assert not (tmp_path / "out" / "test").exists()
