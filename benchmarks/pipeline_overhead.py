@@ -129,7 +129,7 @@ class TimedWorker(ShardWorker):
 
     synthesize_seconds = 0.0
 
-    def synthesize_batch(self, task, batch, labels):
+    def synthesize_batch(self, task, batch, labels, rows=None):
         original = self.synthesizer.synthesize
 
         def timed(spec):
@@ -141,7 +141,7 @@ class TimedWorker(ShardWorker):
 
         self.synthesizer.synthesize = timed
         try:
-            return super().synthesize_batch(task, batch, labels)
+            return super().synthesize_batch(task, batch, labels, rows)
         finally:
             del self.synthesizer.synthesize
 
