@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.cli import config_command
+
 ACTIONS = {
     "kd": "distil a student from the teacher on the shards",
     "prune": "prune the teacher (L1 filters) and fine-tune it on the shards, per ratio",
@@ -18,22 +20,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="KD, pruning, from-scratch training, fidelity")
     actions = evaluate.add_subparsers(required=True, metavar="ACTION")
     for name, description in ACTIONS.items():
-        action = actions.add_parser(name, help=description, description=description)
-        action.add_argument("config", help="evaluation YAML (see configs/eval/)")
-        action.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY.PATH=VALUE",
-            help="override a config field (repeatable)",
+        action = config_command(
+            actions, name, description, cmd_eval, "evaluation YAML (see configs/eval/)"
         )
         action.add_argument(
             "--allow-incomplete",
             action="store_true",
             help="use the complete shards of an unfinished run (shards without sidecars skipped)",
         )
-        action.set_defaults(handler=cmd_eval, action=name)
+        action.set_defaults(action=name)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import TeacherConfig, apply_override, build
+from pipeline.config import TeacherConfig, build, read_config_data
 from pipeline.errors import InputError
 
 
@@ -153,18 +151,7 @@ SECTIONS: dict[str, type] = {
 
 def load_eval_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
     """Read an evaluation YAML, apply ``key.path=value`` overrides, validate everything."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise InputError(f"config {path}: cannot be read ({error.strerror})") from error
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise InputError(f"config {path}: not valid YAML ({error})") from error
-    if not isinstance(data, dict):
-        raise InputError(f"config {path}: the top level must be a mapping of sections")
-    for override in overrides:
-        apply_override(data, override)
+    data = read_config_data(path, overrides)
     return parse_eval_config(data)
 
 

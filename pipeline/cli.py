@@ -94,11 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_command(
-    commands: argparse._SubParsersAction, name: str, text: str, handler: Any
+    commands: argparse._SubParsersAction,
+    name: str,
+    text: str,
+    handler: Any,
+    config_help: str | None = None,
 ) -> argparse.ArgumentParser:
     """A subcommand that takes CONFIG and repeatable ``--set key.path=value`` overrides."""
-    parser = commands.add_parser(name, help=text)
-    parser.add_argument("config")
+    parser = commands.add_parser(name, help=text, description=text)
+    parser.add_argument("config", help=config_help)
     parser.add_argument(
         "--set",
         dest="overrides",

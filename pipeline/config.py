@@ -262,6 +262,14 @@ OPTIONAL_SECTIONS = {"retrieval": RetrievalConfig, "translation": TranslationCon
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``key.path=value`` overrides, validate everything."""
+    return parse_config(read_config_data(path, overrides))
+
+
+def read_config_data(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A YAML config file as a mapping of sections, with ``key.path=value`` overrides
+    applied (not yet validated)."""
     try:
         text = Path(path).read_text()
     except OSError as error:
@@ -274,7 +282,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise InputError(f"config {path}: the top level must be a mapping of sections")
     for override in overrides:
         apply_override(data, override)
-    return parse_config(data)
+    return data
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

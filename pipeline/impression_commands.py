@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.cli import config_command
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``retrieve`` and ``translate`` to the top-level subcommands."""
@@ -12,17 +14,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         ("retrieve", cmd_retrieve, "select pool images near labeled ones (retrieval section)"),
         ("translate", cmd_translate, "translate images toward a target set (translation section)"),
     ):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("config")
-        command.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY.PATH=VALUE",
-            help="override a config field (repeatable)",
-        )
-        command.set_defaults(handler=handler)
+        config_command(commands, name, text, handler)
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:

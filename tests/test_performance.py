@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from test_synthesizers import tiny_teacher
 
 import synthesizers.base
 from synthesizers import Stage, SynthesisSpec, build_synthesizer
@@ -30,26 +30,6 @@ PLAIN = {
     "affine_batchnorm": False,
     "compile": "off",
 }
-
-
-def tiny_teacher(classes: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, classes),
-    )
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 3, 16, 16))
-    return model.eval()
 
 
 def spec(
