@@ -46,10 +46,7 @@ def record_run(
     url = join(run_url, "run.json")
     if exists(url, options):
         previous = read_json(url, options)
-        same = {k: v for k, v in record["config"].items() if k not in RESUMABLE_SECTIONS}
-        before = {
-            k: v for k, v in previous.get("config", {}).items() if k not in RESUMABLE_SECTIONS
-        }
+        same, before = identity(record["config"]), identity(previous.get("config", {}))
         if same != before or previous.get("teacher_digest") != teacher_digest:
             changed = sorted(k for k in {*same, *before} if same.get(k) != before.get(k))
             raise InputError(
@@ -59,6 +56,16 @@ def record_run(
             )
         return
     write_json(url, record, options)
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same dataset: the config without the sections that may
+    change on resume, and without the teacher's path (the teacher is its digest, so the
+    same checkpoint at another URL, e.g. a job's carried copy, resumes)."""
+    same = {k: v for k, v in config.items() if k not in RESUMABLE_SECTIONS}
+    if isinstance(same.get("teacher"), dict):
+        same["teacher"] = {k: v for k, v in same["teacher"].items() if k != "checkpoint"}
+    return same
 
 
 def finalise_run(

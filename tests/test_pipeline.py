@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 from tests_support import config_dict
@@ -101,6 +102,23 @@ def test_rerun_with_a_different_config_is_refused(make_config) -> None:
     with pytest.raises(InputError, match="different config .*synthesizer"):
         run_job(make_config(synthesizer={"iterations": 3}))
     run_job(make_config(runtime={"max_retries": 1}))  # runtime may change on resume
+
+
+def test_the_same_checkpoint_at_another_path_resumes_a_different_one_is_refused(
+    make_config, teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    run_job(make_config(plan={"num_images": 16}))
+    moved = tmp_path / "elsewhere" / "teacher.pt"
+    moved.parent.mkdir()
+    shutil.copy(teacher_checkpoint, moved)
+    manifest = run_job(make_config(plan={"num_images": 16}, teacher={"checkpoint": str(moved)}))
+    assert manifest["this_run"]["shards_resumed"] == 1
+    other = tmp_path / "elsewhere" / "other.pt"
+    state = torch.load(moved, weights_only=True)
+    next(iter(state["state_dict"].values())).add_(1.0)
+    torch.save(state, other)
+    with pytest.raises(InputError, match="teacher checkpoint"):
+        run_job(make_config(plan={"num_images": 16}, teacher={"checkpoint": str(other)}))
 
 
 def test_filter_keeps_only_confident_correct_samples_and_counts_the_rest(
