@@ -64,6 +64,7 @@ if str(ROOT) not in sys.path:
 from pipeline.archs import build_architecture  # noqa: E402
 from synthesizers.base import StepContext, SynthesisSpec  # noqa: E402
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig  # noqa: E402
+from synthesizers.spec import PLAIN_PATH as PLAIN  # noqa: E402
 
 CHECKPOINTS = {
     "resnet20": ROOT.parent / "shared/models/cifar10-resnet/resnet20-12fca82f.th",
@@ -356,18 +357,6 @@ def bench_quality(model, reference, args, device, mean, std) -> dict[str, Any]:
             "time_to_95": reached[0] if reached else None,
         },
     }
-
-
-# The same class with every speed switch off: fp32, NCHW, plain moments, per-tensor
-# Adam, the library's batch norm, eager.
-PLAIN = {
-    "precision": "fp32",
-    "channels_last": False,
-    "fused_moments": False,
-    "fused_optimizer": False,
-    "affine_batchnorm": False,
-    "compile": "off",
-}
 
 
 def peak_flops(precision: str, threads: int, device: torch.device) -> float:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from evaluation.loader import read_shard
 from pipeline.images import decode
+from pipeline.manifest import contact_sheet
 from pipeline.storage import absolute, atomic_open, filesystem, join, redact
 
 if TYPE_CHECKING:
@@ -67,21 +67,8 @@ def class_grid(inputs: Inputs, per_class: int = 8, max_samples: int = 4000) -> b
             read += 1
         if read >= max_samples or all(len(v) >= per_class for v in found.values()):
             break
-    size, pad = inputs.teacher_config.image_size, 2
-    sheet = np.full(
-        (classes * (size + pad) + pad, per_class * (size + pad) + pad, 3), 255, np.uint8
-    )
-    for row in range(classes):
-        for column, image in enumerate(found[row]):
-            y, x = pad + row * (size + pad), pad + column * (size + pad)
-            sheet[y : y + size, x : x + size] = image
-    scale = max(1, 96 // max(size, 1))
-    picture = Image.fromarray(sheet).resize(
-        (sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST
-    )
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
+    rows = [found[label] for label in range(classes)]
+    return contact_sheet(rows, inputs.teacher_config.image_size, per_class, scale_to=96)
 
 
 def comparison_rows(inputs: Inputs, command: str, results: dict[str, Any]) -> list[dict]:

@@ -104,15 +104,7 @@ def finalise_run(
         "teacher_digest": teacher_digest,
         "dreamshard_version": pipeline.__version__,
         "python": platform.python_version(),
-        "shards": [
-            {
-                "name": s["shard"],
-                "url": shard_url(run_url, s["shard"]),
-                "samples": s["samples"],
-                "sha256": s["sha256"],
-            }
-            for s in sidecars
-        ],
+        "shards": shard_entries(run_url, sidecars),
         "totals": totals,
     }
     if metadata is not None:
@@ -124,6 +116,19 @@ def finalise_run(
         }
     write_json(join(run_url, "manifest.json"), manifest, options)
     return manifest
+
+
+def shard_entries(run_url: str, sidecars: list[dict]) -> list[dict[str, Any]]:
+    """The manifest's shard list: name, URL, sample count and sha256 from each sidecar."""
+    return [
+        {
+            "name": s["shard"],
+            "url": shard_url(run_url, s["shard"]),
+            "samples": s["samples"],
+            "sha256": s["sha256"],
+        }
+        for s in sidecars
+    ]
 
 
 def per_class_totals(sidecars: list[dict]) -> dict[str, dict[str, Any]]:
@@ -181,23 +186,32 @@ def write_preview(
                 found[label].append(image)
         if all(len(v) >= per_class for v in found.values()):
             break
-    size = config.teacher.image_size
+    rows = [found[label] for label in classes]
+    png = contact_sheet(rows, config.teacher.image_size, per_class, scale_to=256)
+    with atomic_open(join(run_url, "preview.png"), options) as f:
+        f.write(png)
+
+
+def contact_sheet(
+    rows: list[list[np.ndarray]], size: int, columns: int, scale_to: int = 256
+) -> bytes:
+    """PNG bytes of a grid: one row per list of (size, size, 3) uint8 images, ``columns``
+    wide, white padding, enlarged (nearest) so that an image is about ``scale_to`` px."""
     pad = 2
     sheet = np.full(
-        (len(classes) * (size + pad) + pad, per_class * (size + pad) + pad, 3), 255, np.uint8
+        (len(rows) * (size + pad) + pad, columns * (size + pad) + pad, 3), 255, np.uint8
     )
-    for row, label in enumerate(classes):
-        for column, image in enumerate(found[label]):
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images[:columns]):
             y, x = pad + row * (size + pad), pad + column * (size + pad)
             sheet[y : y + size, x : x + size] = image
-    scale = max(1, 256 // max(size, 1))
+    scale = max(1, scale_to // max(size, 1))
     picture = Image.fromarray(sheet).resize(
         (sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST
     )
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    with atomic_open(join(run_url, "preview.png"), options) as f:
-        f.write(buffer.getvalue())
+    return buffer.getvalue()
 
 
 def inspect_run(

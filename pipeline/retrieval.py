@@ -31,10 +31,10 @@ import pipeline
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.images import open_image_folder
-from pipeline.manifest import resolved_config
+from pipeline.manifest import resolved_config, shard_entries
 from pipeline.pool import PoolTask, known_size, list_pool
 from pipeline.retrieval_worker import TopK, WriteJob, execute
-from pipeline.shards import completed_shards, shard_url
+from pipeline.shards import completed_shards
 from pipeline.storage import absolute, check_writable, exists, join, read_json, redact, write_json
 from pipeline.teachers import load_teacher
 from synthesizers.impression import class_codes, encode, ensemble, flatten, template_layers
@@ -248,15 +248,7 @@ def finalise(
         "config": stage_config(config),
         "teacher_digest": digest,
         "dreamshard_version": pipeline.__version__,
-        "shards": [
-            {
-                "name": s["shard"],
-                "url": shard_url(run_url, s["shard"]),
-                "samples": s["samples"],
-                "sha256": s["sha256"],
-            }
-            for s in sidecars
-        ],
+        "shards": shard_entries(run_url, sidecars),
         "totals": {
             "images": sum(s["samples"] for s in sidecars),
             "labeled_images": labeled,

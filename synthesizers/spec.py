@@ -56,6 +56,18 @@ class SynthesizerConfig:
             )
 
 
+# Every speed switch off: fp32, NCHW, plain moments, per-tensor Adam, the library's batch
+# norm, eager. The reference the switches are tested and benchmarked against.
+PLAIN_PATH: dict[str, Any] = {
+    "precision": "fp32",
+    "channels_last": False,
+    "fused_moments": False,
+    "fused_optimizer": False,
+    "affine_batchnorm": False,
+    "compile": "off",
+}
+
+
 @dataclass
 class SynthesisSpec:
     """One request: which classes, what image geometry, which seed, what guidance.

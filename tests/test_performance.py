@@ -20,16 +20,9 @@ from synthesizers import Stage, SynthesisSpec, build_synthesizer
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
 from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.precision import compile_enabled
+from synthesizers.spec import PLAIN_PATH as PLAIN
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PLAIN = {
-    "precision": "fp32",
-    "channels_last": False,
-    "fused_moments": False,
-    "fused_optimizer": False,
-    "affine_batchnorm": False,
-    "compile": "off",
-}
 
 
 def spec(
