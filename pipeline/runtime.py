@@ -27,7 +27,7 @@ from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards
 from pipeline.storage import absolute, check_writable, join
-from pipeline.teachers import load_teacher
+from pipeline.teachers import load_teacher, load_verifier
 from pipeline.worker import ShardWorker
 from synthesizers import get_synthesizer
 
@@ -61,6 +61,8 @@ def run_job(config: Config) -> dict[str, Any]:
     options = config.run.storage_options
     check_writable(config.run.output, options)
     teacher = load_teacher(config.teacher, options)
+    if config.filter.verifier is not None:  # the workers load it: a bad one fails here first
+        load_verifier(config.filter.verifier, options)
     feature_layers(config, teacher.model)  # unknown layer names fail before anything is written
     metadata = None
     if get_synthesizer(config.synthesizer.name).uses_metadata:

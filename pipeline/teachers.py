@@ -143,6 +143,14 @@ def load_teacher(config: TeacherConfig, storage_options: dict[str, Any] | None =
     return Teacher(model, config, digest)
 
 
+def load_verifier(config: TeacherConfig, storage_options: dict[str, Any] | None = None) -> Teacher:
+    """The filter's verifier, loaded like a teacher; errors name ``filter.verifier``."""
+    try:
+        return load_teacher(config, storage_options)
+    except InputError as error:
+        raise InputError(f"filter.verifier: {error}") from error
+
+
 def fuse(model: nn.Module, arch: str) -> nn.Module:
     """The BN-fused copy of a teacher; InputError when some BN cannot be folded."""
     from synthesizers.fuse import fuse_batchnorm
