@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from fsspec.core import url_to_fs
 from pipeline.errors import InputError
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s@]*@")
 PROBE_SECONDS = 5
 
 
@@ -66,9 +68,16 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
             return {k: clean(v, k) for k, v in value.items()}
         if any(word in key.lower() for word in SECRET_WORDS):
             return "***"
+        if isinstance(value, str):
+            return redact_url(value)
         return value
 
     return clean(dict(options or {}))
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` replaced."""
+    return URL_PASSWORD.sub(r"\1***@", text)
 
 
 def exists(url: str, options: dict[str, Any] | None = None) -> bool:
@@ -165,6 +174,7 @@ def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
     endpoint = opts.get("client_kwargs", {}).get("endpoint_url") or os.environ.get(
         "AWS_ENDPOINT_URL", "the default AWS endpoint"
     )
+    endpoint = redact_url(endpoint)
     try:
         fs = fsspec.filesystem("s3", **opts)
         fs.ls(bucket, refresh=True)
@@ -175,8 +185,8 @@ def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
     except Exception as error:  # botocore raises many types for an unreachable endpoint
         raise InputError(
             f"run.output: S3 endpoint {endpoint} did not answer for bucket {bucket!r} "
-            f"({type(error).__name__}: {error})"
-        ) from error
+            f"({type(error).__name__}: {redact_url(str(error))})"
+        ) from None  # the chained error would print the endpoint's password
 
 
 def register_webdataset_opener() -> None:

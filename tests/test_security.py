@@ -1,0 +1,170 @@
+"""Security: secrets never leak, servers listen on loopback, tar members and checkpoints
+are validated on read, objects are written without public ACLs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from seaweed import S3Server, free_port
+from tests_support import config_dict
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# Distinctive values: any occurrence outside the config file that holds them is a leak.
+FAKE_KEY, FAKE_SECRET = "AKIALEAKCANARY000001", "leak-canary-secret-7f3e9b2c"
+URL_PASSWORD = "leak-canary-url-password-4d1a"
+
+
+def files_under(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            yield path
+
+
+def leaks(texts: dict[str, bytes], secrets: list[str]) -> list[str]:
+    """``name: secret`` for every text that contains a secret."""
+    return [
+        f"{name}: {secret}"
+        for name, data in texts.items()
+        for secret in secrets
+        if secret.encode() in data
+    ]
+
+
+def bucket_texts(server: S3Server, bucket: str) -> dict[str, bytes]:
+    fs = server.filesystem()
+    return {path: fs.cat(path) for path in fs.find(bucket)}
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without AWS_* and Ray's address (a run gets only what we give)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )
+    return env
+
+
+def run_process(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "-v", *args],
+        capture_output=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["storage_options", "environment"])
+def test_a_ray_run_on_s3_leaks_no_credentials(
+    via: str, s3_server: S3Server, tmp_path: Path, teacher_checkpoint: str
+) -> None:
+    """A real run (embedded Ray, one actor, SeaweedFS) with the credentials in the config
+    or in the environment: nothing it prints, logs (Ray's session logs included) or
+    writes to the bucket contains them."""
+    bucket = s3_server.make_bucket("leak")
+    env = clean_env()
+    options = {"endpoint_url": s3_server.endpoint_url}
+    if via == "storage_options":
+        options = s3_server.storage_options()
+    else:
+        env.update(s3_server.env())
+    config = config_dict(
+        f"s3://{bucket}/runs",
+        teacher_checkpoint,
+        run={"name": "leakcheck", "storage_options": options},
+        plan={"num_images": 16, "batch_size": 8, "shard_size": 8},
+        runtime={"executor": "ray", "num_workers": 1, "progress": True},
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ray_dir = Path(tempfile.mkdtemp(prefix="rl-"))  # short: Ray's socket paths must be short
+    try:
+        env["RAY_TMPDIR"] = str(ray_dir)
+        result = run_process(["run", str(path)], env, tmp_path)
+        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        texts = {"stdout": result.stdout, "stderr": result.stderr}
+        texts.update({str(p): p.read_bytes() for p in files_under(ray_dir)})
+    finally:
+        subprocess.run(["rm", "-rf", str(ray_dir)], check=False)
+    objects = bucket_texts(s3_server, bucket)
+    assert any(name.endswith("manifest.json") for name in objects)
+    assert sum(name.endswith(".tar") for name in objects) == 2
+    assert any("worker-" in name for name in texts), "Ray's session logs were not read"
+    assert b"wrote 16 images" in result.stdout
+    texts.update(objects)
+    assert leaks(texts, [s3_server.secret, s3_server.key]) == []
+
+
+def failing_output(server: S3Server, how: str, port: int) -> tuple[str, dict]:
+    """(run.output, run.storage_options) of a run that must fail, with canary secrets."""
+    canary = {"key": FAKE_KEY, "secret": FAKE_SECRET}
+    if how == "missing-bucket":
+        return "s3://no-such-bucket-leak/runs", {**server.storage_options(), **canary}
+    if how == "wrong-credentials":
+        bucket = server.make_bucket("leak")
+        return f"s3://{bucket}/runs", {"endpoint_url": server.endpoint_url, **canary}
+    endpoint = f"http://canary:{URL_PASSWORD}@127.0.0.1:{port}"
+    return "s3://quiet/runs", {"endpoint_url": endpoint, **canary}
+
+
+@pytest.mark.parametrize("how", ["missing-bucket", "wrong-credentials", "unreachable"])
+def test_failing_runs_name_the_problem_but_not_the_credentials(
+    how: str, s3_server: S3Server, tmp_path: Path, teacher_checkpoint: str, capsys, caplog
+) -> None:
+    caplog.set_level(logging.INFO)  # what -v shows
+    output, options = failing_output(s3_server, how, free_port())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(config_dict(output, teacher_checkpoint, run={"storage_options": options}))
+    )
+    code = main(["-v", "run", str(config)])
+    captured = capsys.readouterr()
+    assert code == 2 and "run.output" in captured.err
+    texts = {
+        "stdout": captured.out.encode(),
+        "stderr": captured.err.encode(),
+        "log": "\n".join(r.getMessage() for r in caplog.records).encode(),
+    }
+    texts.update({str(p): p.read_bytes() for p in files_under(tmp_path) if p != config})
+    assert leaks(texts, [FAKE_KEY, FAKE_SECRET, URL_PASSWORD]) == []
+    if how == "unreachable":
+        assert "canary:***@127.0.0.1" in captured.err  # the endpoint is named, redacted
+
+
+def test_manifests_redact_every_storage_option(make_config, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline.config import RetrievalConfig
+    from pipeline.manifest import resolved_config
+
+    secrets = {
+        "endpoint_url": f"https://user:{URL_PASSWORD}@s3.example:9000",
+        "key": FAKE_KEY,
+        "client_kwargs": {"aws_secret_access_key": FAKE_SECRET},
+    }
+    config = make_config(run={"storage_options": secrets})
+    pool = RetrievalConfig(pool="s3://p/x", labeled="l", pool_storage_options=dict(secrets))
+    data = resolved_config(replace(config, retrieval=pool))
+    text = yaml.safe_dump(data)
+    assert FAKE_KEY not in text and FAKE_SECRET not in text and URL_PASSWORD not in text
+    assert data["run"]["storage_options"]["endpoint_url"] == "https://user:***@s3.example:9000"
+    assert data["retrieval"]["pool_storage_options"]["key"] == "***"
