@@ -223,7 +223,9 @@ def connect(runtime: EvalRuntimeConfig):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            from pipeline.runtime import start_local_ray
+
+            start_local_ray(ray)  # every server on 127.0.0.1
     return ray
 
 

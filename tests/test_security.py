@@ -3,11 +3,14 @@ are validated on read, objects are written without public ACLs."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,3 +171,112 @@ def test_manifests_redact_every_storage_option(make_config, tmp_path: Path) -> N
     assert FAKE_KEY not in text and FAKE_SECRET not in text and URL_PASSWORD not in text
     assert data["run"]["storage_options"]["endpoint_url"] == "https://user:***@s3.example:9000"
     assert data["retrieval"]["pool_storage_options"]["key"] == "***"
+
+
+# --- loopback -----------------------------------------------------------------------------
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """``{pid: command name}`` of ``root`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat.split(" (", 1)[1].rsplit(")", 1)
+            children.setdefault(int(rest.split()[1]), []).append(int(entry.name))
+            names[int(entry.name)] = name
+    tree, stack = {}, [root]
+    while stack:
+        pid = stack.pop()
+        tree[pid] = names.get(pid, "?")
+        stack += children.get(pid, [])
+    return tree
+
+
+def socket_inodes(pid: int) -> set[str]:
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    found.add(target[len("socket:[") : -1])
+    return found
+
+
+def listening_sockets() -> dict[str, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """``{inode: (address, port)}`` of every listening TCP socket (``/proc/net/tcp[6]``)."""
+    found = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found[fields[9]] = (ipaddress.ip_address(packed), int(port, 16))
+    return found
+
+
+def is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+EMBEDDED_RAY = """
+import sys
+from tests_support import config_dict
+from pipeline.config import parse_config
+from pipeline.runtime import connect_ray
+
+config = parse_config(config_dict("out", "t.pt", runtime={"executor": "ray"}))
+ray = connect_ray(config)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
+print("ready", flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_the_embedded_ray_listens_on_loopback_only() -> None:
+    env = clean_env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # the default a user gets
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{REPO / 'tests'}"
+    ray_dir = Path(tempfile.mkdtemp(prefix="rl-"))
+    env["RAY_TMPDIR"] = str(ray_dir)
+    child = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDED_RAY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ray_dir,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()
+        time.sleep(2)  # agents open their ports shortly after the cluster answers
+        sockets = listening_sockets()
+        bound = [
+            (name, *sockets[inode])
+            for pid, name in process_tree(child.pid).items()
+            for inode in socket_inodes(pid)
+            if inode in sockets
+        ]
+    finally:
+        child.stdin.close()
+        child.wait(60)
+        subprocess.run(["rm", "-rf", str(ray_dir)], check=False)
+    names = {name for name, _, _ in bound}
+    assert {"gcs_server", "raylet"} <= names and len(bound) >= 6, bound  # Ray's servers seen
+    exposed = [
+        (name, str(address), port) for name, address, port in bound if not is_loopback(address)
+    ]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
