@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.archives import check_member
 from pipeline.errors import InputError
 from pipeline.storage import filesystem
 
@@ -147,6 +148,7 @@ def _from_archive(
     blobs: dict[str, bytes] = {}
     with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for member in tar:
+            check_member(member, archive)
             name = member.name.removeprefix("./")
             if (
                 member.isfile()

@@ -4,18 +4,24 @@ are validated on read, objects are written without public ACLs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import ipaddress
 import logging
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from PIL import Image
 from seaweed import S3Server, free_port
 from tests_support import config_dict
 
@@ -280,3 +286,117 @@ def test_the_embedded_ray_listens_on_loopback_only() -> None:
         (name, str(address), port) for name, address, port in bound if not is_loopback(address)
     ]
     assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+# --- tar members ----------------------------------------------------------------------------
+
+
+def png_bytes(value: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+UNSAFE = {
+    "absolute": ("/tmp/evil/0.png", tarfile.REGTYPE, ""),
+    "dotdot": ("root/a/../../../evil.png", tarfile.REGTYPE, ""),
+    "symlink": ("root/b/1.png", tarfile.SYMTYPE, "/etc/passwd"),
+    "hardlink": ("root/b/2.png", tarfile.LNKTYPE, "root/a/0.png"),
+    "device": ("root/b/3.png", tarfile.CHRTYPE, ""),
+    "fifo": ("root/b/4.png", tarfile.FIFOTYPE, ""),
+}
+
+
+def crafted_tar(path: Path, kind: str) -> tuple[Path, str]:
+    """A tar of class folders (root/a, root/b), WebDataset-named samples and one unsafe
+    member; returns (path, the unsafe member's name)."""
+    name, kind_type, target = UNSAFE[kind]
+    with tarfile.open(path, "w") as tar:
+        for member in ("root/a/0.png", "root/b/0.png", "000000-00000.png", "000000-00000.cls"):
+            data = png_bytes() if member.endswith(".png") else b"1"
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind_type, target
+        data = png_bytes(9) if kind_type == tarfile.REGTYPE else b""
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path, name
+
+
+def read_class_folders(path: Path) -> Any:
+    from pipeline.images import open_image_folder
+
+    return open_image_folder(f"{path}/root")
+
+
+def read_pool(path: Path) -> Any:
+    from pipeline.pool import list_pool, stream
+
+    return [list(stream(task)) for task in list_pool(str(path))]
+
+
+def read_preview(path: Path) -> Any:
+    from pipeline.shards import read_images
+
+    return read_images(str(path))
+
+
+def read_evaluation_shard(path: Path) -> Any:
+    from evaluation.sources import ShardRef, read_shard
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return read_shard(ShardRef(str(path), samples=1, sha256=digest))
+
+
+READERS = {
+    "image-folder": read_class_folders,  # metadata sources, teacher train/eval, test sets
+    "pool": read_pool,  # retrieval pools, translation sources and targets
+    "shard-preview": read_preview,  # preview.png, contact sheets
+    "evaluation-loader": read_evaluation_shard,  # dreamshard eval
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("kind", UNSAFE)
+def test_every_tar_reader_refuses_unsafe_members(reader: str, kind: str, tmp_path: Path) -> None:
+    from pipeline.errors import InputError
+
+    path, member = crafted_tar(tmp_path / "crafted.tar", kind)
+    with pytest.raises(InputError, match=rf"crafted\.tar: unsafe tar member '{re.escape(member)}'"):
+        READERS[reader](path)
+    assert not Path("/tmp/evil").exists() and not (tmp_path.parent / "evil.png").exists()
+
+
+def test_the_same_tar_without_the_unsafe_member_reads(tmp_path: Path) -> None:
+    path = tmp_path / "safe.tar"
+    with tarfile.open(path, "w") as tar:
+        for member in ("root/a/0.png", "root/b/0.png"):
+            info = tarfile.TarInfo(member)
+            data = png_bytes()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert read_class_folders(path).classes == ["a", "b"]
+    assert len(read_pool(path)[0]) == 2
+
+
+def test_an_unsafe_translation_source_exits_2_naming_the_member(
+    tmp_path: Path, teacher_checkpoint: str, capsys
+) -> None:
+    path, member = crafted_tar(tmp_path / "crafted.tar", "symlink")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "0.png").write_bytes(png_bytes(3))
+    config = tmp_path / "config.yaml"
+    translation = {"source": str(path), "target": str(target)}
+    data = config_dict(
+        str(tmp_path / "out"),
+        teacher_checkpoint,
+        synthesizer={"name": "impression", "iterations": 2},
+        translation=translation,
+    )
+    config.write_text(yaml.safe_dump(data))
+    assert main(["translate", str(config)]) == 2
+    assert f"crafted.tar: unsafe tar member '{member}' (a link" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
