@@ -3,6 +3,7 @@ are validated on read, objects are written without public ACLs."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -400,3 +401,117 @@ def test_an_unsafe_translation_source_exits_2_naming_the_member(
     assert main(["translate", str(config)]) == 2
     assert f"crafted.tar: unsafe tar member '{member}' (a link" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+SOURCES = [REPO / "pipeline", REPO / "evaluation", REPO / "synthesizers"]
+
+
+def calls(name: str) -> Iterator[tuple[Path, ast.Call]]:
+    """Every call of ``name`` (e.g. ``torch.load``) in the package sources."""
+    for root in SOURCES:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
+                    yield path, node
+
+
+def keyword(call: ast.Call, name: str) -> Any:
+    for item in call.keywords:
+        if item.arg == name:
+            return ast.literal_eval(item.value)
+    return None
+
+
+def test_every_loader_of_serialised_objects_refuses_pickles() -> None:
+    loads = list(calls("torch.load"))
+    assert loads, "torch.load is not called at all: this check would pass vacuously"
+    assert [str(p) for p, call in loads if keyword(call, "weights_only") is not True] == []
+    assert [
+        str(p) for p, call in calls("np.load") if keyword(call, "allow_pickle") is not False
+    ] == []
+    for unsafe in ("pickle.load", "pickle.loads", "pickle.Unpickler", "yaml.load", "eval", "exec"):
+        assert [str(p) for p, _ in calls(unsafe)] == [], unsafe
+    # torch.load appears only in the one helper that turns refusals into InputError
+    assert {p.relative_to(REPO).as_posix() for p, _ in loads} == {"pipeline/teachers.py"}
+
+
+class Exploit:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": Exploit(marker)}, path)
+    return path
+
+
+def teacher_eval(tmp_path: Path, evil: Path, capsys) -> str:
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        (data / name / "0.png").write_bytes(png_bytes())
+    assert main(["teacher", "eval", "--checkpoint", str(evil), "--data", str(data)]) == 2
+    return capsys.readouterr().err
+
+
+def metadata_artifact(tmp_path: Path, evil: Path, capsys) -> str:
+    from pipeline.errors import InputError
+    from pipeline.metadata import load_metadata
+
+    with pytest.raises(InputError) as error:  # metadata.artifact: safetensors, never pickle
+        load_metadata(str(evil), None)
+    return str(error.value)
+
+
+def train_resume(tmp_path: Path, evil: Path, capsys) -> str:
+    from pipeline.errors import InputError
+    from pipeline.teachers import load_weights
+
+    with pytest.raises(InputError) as error:
+        load_weights(str(evil), f"Ray Train checkpoint {evil}")
+    return str(error.value)
+
+
+def stored_logits(tmp_path: Path, evil: Path, capsys) -> str:
+    import numpy as np
+
+    from evaluation.loader import load_logits
+    from evaluation.sources import ShardError
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([Exploit(tmp_path / "pwned")], dtype=object), allow_pickle=True)
+    with pytest.raises(ShardError) as error:
+        load_logits(buffer.getvalue(), "s.tar: sample 000000-00000")
+    return str(error.value)
+
+
+CHECKPOINT_READERS = {
+    "teacher-eval-cli": (teacher_eval, r"evil\.pt was refused: .*weights_only=True"),
+    "metadata-artifact": (metadata_artifact, r"evil\.pt: not a safetensors file"),
+    "ray-train-resume": (train_resume, r"Ray Train checkpoint .*evil\.pt was refused"),
+    "stored-logits": (stored_logits, r"s\.tar: sample 000000-00000: logits\.npy is not a plain"),
+}
+
+
+@pytest.mark.parametrize("reader", CHECKPOINT_READERS)
+def test_a_malicious_pickle_is_refused_by_every_loader(reader: str, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "pwned"
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker)
+    check, message = CHECKPOINT_READERS[reader]
+    assert re.search(message, check(tmp_path, evil, capsys))
+    assert not marker.exists(), "a pickle ran code"
+    # the same payload unpickled without weights_only does run: the test can see it
+    if reader == "ray-train-resume":
+        import torch
+
+        torch.load(evil, weights_only=False)
+        assert marker.exists()
