@@ -29,11 +29,37 @@ PROBE_SECONDS = 5
 def normalise_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """fsspec keyword arguments for ``url``; ``endpoint_url`` is routed where s3fs wants it."""
     options = dict(options or {})
+    check_acl(options)
     if protocol_of(url) == "s3" and "endpoint_url" in options:
         client = dict(options.pop("client_kwargs", {}) or {})
         client["endpoint_url"] = options.pop("endpoint_url")
         options["client_kwargs"] = client
     return options
+
+
+PRIVATE_ACLS = ("private", "bucket-owner-full-control", "bucket-owner-read")
+
+
+def check_acl(options: dict[str, Any]) -> None:
+    """Refuse storage options that would make written objects readable by others.
+
+    dreamshard sends no ACL with its uploads (objects are private to the bucket owner,
+    and buckets with ACLs disabled, the AWS default, accept nothing else); a private
+    canned ACL may be asked for explicitly in ``s3_additional_kwargs``.
+    """
+    extra = options.get("s3_additional_kwargs") or {}
+    for key, value in extra.items():
+        if key.lower() == "acl" and str(value).lower() not in PRIVATE_ACLS:
+            raise InputError(
+                f"storage_options.s3_additional_kwargs.{key}: {value!r} would let others read "
+                f"every object written; dreamshard writes private objects (allowed: "
+                f"{', '.join(PRIVATE_ACLS)})"
+            )
+        if key.lower().startswith("grant"):
+            raise InputError(
+                f"storage_options.s3_additional_kwargs.{key}: grants to other accounts are "
+                "refused; give access through the bucket's policy"
+            )
 
 
 def protocol_of(url: str) -> str:

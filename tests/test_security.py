@@ -515,3 +515,94 @@ def test_a_malicious_pickle_is_refused_by_every_loader(reader: str, tmp_path: Pa
 
         torch.load(evil, weights_only=False)
         assert marker.exists()
+
+
+# --- object ACLs ----------------------------------------------------------------------------
+
+
+def record_requests(fs: Any) -> list[tuple[str, str, dict[str, str]]]:
+    """Every request ``fs`` (s3fs) sends from now on: (method, url, headers)."""
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def before_send(request: Any, **_: Any) -> None:
+        seen.append(
+            (request.method, request.url, {k.lower(): v for k, v in request.headers.items()})
+        )
+
+    fs.connect()
+    fs.s3.meta.events.register("before-send.s3", before_send)
+    return seen
+
+
+def test_objects_are_written_without_public_acls(
+    make_config, s3_server: S3Server, tmp_path: Path
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    import botocore.session
+
+    from pipeline.runtime import run_job
+    from pipeline.storage import filesystem
+
+    bucket = s3_server.make_bucket("acl")
+    options = s3_server.storage_options()
+    output = f"s3://{bucket}/runs"
+    fs, _ = filesystem(output, options)  # the cached instance every write below uses
+    requests = record_requests(fs)
+    manifest = run_job(make_config(run={"output": output, "storage_options": options}))
+    writes = [
+        (method, url, headers) for method, url, headers in requests if method in ("PUT", "POST")
+    ]
+    written = {url.split(f"/{bucket}/", 1)[-1].split("?")[0] for _, url, _ in writes}
+    assert {
+        "runs/test/manifest.json",
+        "runs/test/index.parquet",
+        "runs/test/preview.png",
+    } <= written
+    assert sum(name.endswith(".tar") for name in written) == len(manifest["shards"]) == 2
+    acl_headers = [
+        (url, name)
+        for _, url, headers in writes
+        for name in headers
+        if name == "x-amz-acl" or name.startswith("x-amz-grant")
+    ]
+    assert acl_headers == []
+    # nobody without credentials can read what was written
+    for key in sorted(written):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{s3_server.endpoint_url}/{bucket}/{key}", timeout=5)
+        assert refused.value.code == 403, key
+    # and the object's ACL, read back, grants nothing to all or authenticated users
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.key,
+        aws_secret_access_key=s3_server.secret,
+        region_name="us-east-1",
+    )
+    acl = client.get_object_acl(Bucket=bucket, Key="runs/test/manifest.json")
+    groups = [g["Grantee"].get("URI", "") for g in acl["Grants"]]
+    assert not [uri for uri in groups if uri.endswith(("AllUsers", "AuthenticatedUsers"))], acl
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"ACL": "public-read"}, r"s3_additional_kwargs\.ACL: 'public-read' would let others"),
+        ({"acl": "authenticated-read"}, r"s3_additional_kwargs\.acl: 'authenticated-read'"),
+        (
+            {"GrantRead": "uri=http://acs.amazonaws.com/groups/global/AllUsers"},
+            r"GrantRead: grants",
+        ),
+    ],
+)
+def test_a_public_acl_in_the_storage_options_is_refused(
+    extra: dict, message: str, tmp_path: Path, teacher_checkpoint: str, capsys
+) -> None:
+    config = tmp_path / "config.yaml"
+    options = {"endpoint_url": "http://127.0.0.1:9", "s3_additional_kwargs": extra}
+    data = config_dict("s3://bucket/runs", teacher_checkpoint, run={"storage_options": options})
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config)]) == 2
+    assert re.search(message, capsys.readouterr().err)
