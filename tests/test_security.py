@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -606,3 +608,55 @@ def test_a_public_acl_in_the_storage_options_is_refused(
     config.write_text(yaml.safe_dump(data))
     assert main(["run", str(config)]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+# --- a submitted job ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_job_submitted_with_a_ray_token_leaks_no_token_and_no_credentials(
+    s3_server: S3Server, tmp_path: Path, teacher_checkpoint: str, capsys, monkeypatch
+) -> None:
+    """``dreamshard submit --wait`` to a head with token authentication: the token (in
+    the submitter's environment) and the storage credentials (the cluster's environment,
+    and decoys in the submitter's) appear nowhere in what Ray keeps and shows."""
+    from ray.job_submission import JobSubmissionClient
+    from ray_head import ray_head
+
+    from pipeline.submit import auth_headers
+
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY)  # the submitting machine's own
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    bucket = s3_server.make_bucket("token")
+    config = tmp_path / "config.yaml"
+    data = config_dict(
+        f"s3://{bucket}/runs",
+        teacher_checkpoint,
+        run={"name": "tokencheck", "storage_options": {"endpoint_url": s3_server.endpoint_url}},
+        runtime={"executor": "ray", "num_workers": 1},
+    )
+    config.write_text(yaml.safe_dump(data))
+    with ray_head({**s3_server.env(), **auth}) as head:
+        assert main(["submit", str(config), "--address", head.address, "--wait"]) == 0
+        submitted = capsys.readouterr()
+        job_id = re.search(r"^submitted (\S+):", submitted.out, re.M).group(1)
+        assert main(["jobs", "logs", job_id, "--address", head.address]) == 0
+        logs = capsys.readouterr()
+        client = JobSubmissionClient(head.address, headers=auth_headers())
+        info = client.get_job_info(job_id)
+        texts = {
+            "submit output": (submitted.out + submitted.err).encode(),
+            "jobs logs": (logs.out + logs.err).encode(),
+            "job info": json.dumps(info.model_dump(), default=str).encode(),
+        }
+        texts.update({str(p): p.read_bytes() for p in head.log_files()})
+    assert info.entrypoint and info.runtime_env is not None and info.metadata
+    assert "wrote 32 images" in logs.out
+    objects = bucket_texts(s3_server, bucket)
+    assert any(name.endswith("manifest.json") for name in objects)
+    texts.update(objects)
+    assert leaks(texts, [token, s3_server.secret, FAKE_KEY, FAKE_SECRET]) == []
