@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -104,6 +105,17 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
 def redact_url(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` replaced."""
     return URL_PASSWORD.sub(r"\1***@", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats like ``formatter``, then removes URL passwords (from tracebacks too)."""
+
+    def __init__(self, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = formatter or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(self.inner.format(record))
 
 
 def exists(url: str, options: dict[str, Any] | None = None) -> bool:

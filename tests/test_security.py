@@ -660,3 +660,23 @@ def test_a_job_submitted_with_a_ray_token_leaks_no_token_and_no_credentials(
     assert any(name.endswith("manifest.json") for name in objects)
     texts.update(objects)
     assert leaks(texts, [token, s3_server.secret, FAKE_KEY, FAKE_SECRET]) == []
+
+
+def test_messages_log_lines_and_tracebacks_lose_url_passwords(capsys) -> None:
+    from pipeline.storage import RedactingFormatter
+
+    url = f"http://bob:{URL_PASSWORD}@127.0.0.1:{free_port()}/runs/x"
+    assert main(["-v", "inspect", url]) == 2
+    captured = capsys.readouterr()
+    assert "http://bob:***@127.0.0.1" in captured.err
+    assert URL_PASSWORD not in captured.out + captured.err
+    assert any(isinstance(h.formatter, RedactingFormatter) for h in logging.getLogger().handlers)
+    formatter = RedactingFormatter(logging.Formatter("%(name)s %(message)s"))
+    try:
+        raise RuntimeError(f"GET {url} failed")
+    except RuntimeError:
+        record = logging.LogRecord("dreamshard", logging.ERROR, __file__, 1, "failed", (), None)
+        record.exc_info = sys.exc_info()
+    text = formatter.format(record)
+    assert "Traceback" in text and "http://bob:***@127.0.0.1" in text
+    assert URL_PASSWORD not in text
