@@ -650,6 +650,10 @@ CASES = [
 ]
 
 
+S3_SETUPS = {c.setup for c in CASES if c.id in ("url-missing-bucket", "url-wrong-credentials")}
+S3_SETUPS |= {s3_missing_checkpoint}
+
+
 def snapshot(root: Path) -> dict[str, int]:
     """Every file under ``root`` and its size."""
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
@@ -690,7 +694,8 @@ def test_bad_input(
     env.root.mkdir()
     args = case.setup(env)
     before = snapshot(tmp_path)
-    buckets = env.s3().buckets() if "s3" in request.fixturenames else None
+    buckets = env.s3().buckets() if "s3_server" in request.fixturenames else None
+    assert (buckets is not None) == (case.setup in S3_SETUPS)  # S3 cases check the bucket
     if case.id == "url-output-not-writable":
         code, out, err = run_without_override(args)
     else:
