@@ -720,3 +720,12 @@ def test_the_catalogue_holds_at_least_25_distinct_cases() -> None:
     ids = [case.id for case in CASES]
     assert len(ids) == len(set(ids)) >= 25
     assert len({case.what for case in CASES}) == len(CASES)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    from pipeline.images import decode
+
+    values = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 … 61,380
+    rgb = decode(encoded(Image.fromarray(values)), "grey16.png")
+    assert rgb.shape == (32, 32, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.array_equal(rgb[..., 0], (values >> 8).astype(np.uint8))  # not 255 from 256 up
