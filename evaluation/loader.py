@@ -189,7 +189,7 @@ class ShardDataset(IterableDataset):
             return image, label
         if "logits.npy" not in sample:
             raise ShardError(f"{url}: sample {key} has no logits.npy (stored logits asked for)")
-        logits = np.load(io.BytesIO(sample["logits.npy"]), allow_pickle=False)
+        logits = load_logits(sample["logits.npy"], f"{url}: sample {key}")
         return image, label, torch.from_numpy(logits.astype(np.float32))
 
 
@@ -216,13 +216,25 @@ def _crop_flip(image: torch.Tensor, generator: torch.Generator, pad: int = 4) ->
     return crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop
 
 
+def load_logits(data: bytes, where: str) -> np.ndarray:
+    """A sample's ``logits.npy``: a plain numeric array (never a pickle), else ShardError."""
+    try:
+        logits = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # pickled objects, not .npy at all
+        raise ShardError(f"{where}: logits.npy is not a plain array ({error})") from None
+    if logits.dtype.kind not in "fiu":
+        raise ShardError(f"{where}: logits.npy holds {logits.dtype}, not numbers")
+    return logits
+
+
 def probe(shards: ShardSet, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Image size, logits presence and class count of the first sample (cheap checks)."""
     first = read_shard(shards.shards[0], options)[0]
     array = decode(first["png"], f"{shards.shards[0].url}:{first['__key__'].decode()}.png")
     logits = None
     if "logits.npy" in first:
-        logits = np.load(io.BytesIO(first["logits.npy"]), allow_pickle=False).shape[-1]
+        key = first["__key__"].decode()
+        logits = load_logits(first["logits.npy"], f"{shards.shards[0].url}: sample {key}").shape[-1]
     return {"image_size": array.shape[:2], "logits": logits}
 
 

@@ -12,6 +12,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.archives import UnsafeArchive, check_member
 from pipeline.errors import InputError
 from pipeline.shards import completed_shards
 from pipeline.storage import absolute, exists, filesystem, join, read_bytes, read_json
@@ -142,7 +143,11 @@ def read_shard(shard: ShardRef, options: dict[str, Any] | None = None) -> list[d
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
             name = member.name
-            if name.startswith("/") or ".." in name.split("/") or not member.isfile():
+            try:
+                check_member(member, shard.url)
+            except UnsafeArchive as error:
+                raise ShardError(str(error)) from None
+            if not member.isfile():
                 raise ShardError(f"{shard.url}: unsafe tar member {name!r} (only plain files)")
             base = name.rsplit("/", 1)[-1]
             key, _, extension = base.partition(".")

@@ -28,6 +28,7 @@ from evaluation.config import EvalRuntimeConfig
 from evaluation.loader import ShardDataset, ShardRef
 from pipeline.errors import InputError
 from pipeline.storage import filesystem, protocol_of
+from pipeline.teachers import load_weights
 
 log = logging.getLogger("dreamshard.evaluation")
 CHECKPOINT_FILE = "state.pt"
@@ -126,7 +127,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             path = os.path.join(folder, CHECKPOINT_FILE)
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_weights(path, f"Ray Train checkpoint {path}")
         model.load_state_dict(saved["model"])
         state = saved["state"]
         state["resumed_from"].append(state["epoch"])
@@ -223,7 +224,9 @@ def connect(runtime: EvalRuntimeConfig):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            from pipeline.runtime import start_local_ray
+
+            start_local_ray(ray)  # every server on 127.0.0.1
     return ray
 
 
@@ -283,9 +286,8 @@ def fit(
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        saved = torch.load(
-            os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True
-        )
+        path = os.path.join(folder, CHECKPOINT_FILE)
+        saved = load_weights(path, f"Ray Train checkpoint {path}")
     model = copy.deepcopy(job.model)
     model.load_state_dict(saved["model"])
     state = saved["state"]

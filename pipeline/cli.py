@@ -21,10 +21,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",
     )
+    from pipeline.storage import RedactingFormatter, redact_url
+
+    for handler in logging.getLogger().handlers:  # tracebacks too: no URL password in logs
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter))
     try:
         return args.handler(args) or 0
     except InputError as error:
-        print(f"dreamshard: error: {error}", file=sys.stderr)
+        print(f"dreamshard: error: {redact_url(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -33,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as error:
         log.exception("run failed")
-        print(f"dreamshard: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        message = redact_url(f"{type(error).__name__}: {error}")
+        print(f"dreamshard: failed: {message}", file=sys.stderr)
         return 1
 
 

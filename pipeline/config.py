@@ -274,6 +274,8 @@ def read_config_data(
         text = Path(path).read_text()
     except OSError as error:
         raise InputError(f"config {path}: cannot be read ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"config {path}: not UTF-8 text ({error.reason})") from error
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.archives import check_member
 from pipeline.errors import InputError
 from pipeline.storage import filesystem
 
@@ -76,12 +77,26 @@ def decode(data: bytes, name: str, image_size: int | None = None) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise InputError(f"{name}: {image.width}x{image.height} is too large")
-            image = image.convert("RGB")
+            image = to_rgb(image)
             if image_size and image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
+    except Image.DecompressionBombError as error:  # PIL refuses it before we see its size
+        raise InputError(f"{name}: too large ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InputError(f"{name}: not a readable image ({error})") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit greyscale is scaled down (PIL's own conversion clips
+    every value above 255 to white); every other mode (CMYK, palette, L, LA, RGBA) is
+    PIL's conversion, which drops alpha."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        bits = 16 if image.mode.startswith("I;16") or values.max(initial=0) < 65536 else 32
+        grey = np.clip(values >> (bits - 8), 0, 255).astype(np.uint8)  # (H, W)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def open_image_folder(
@@ -133,6 +148,7 @@ def _from_archive(
     blobs: dict[str, bytes] = {}
     with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for member in tar:
+            check_member(member, archive)
             name = member.name.removeprefix("./")
             if (
                 member.isfile()

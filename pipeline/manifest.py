@@ -35,6 +35,9 @@ def resolved_config(config: Config) -> dict[str, Any]:
     """The config as JSON data (tuples as lists), secrets redacted."""
     data = config.to_dict()
     data["run"]["storage_options"] = redact(data["run"]["storage_options"])
+    pool = (data.get("retrieval") or {}).get("pool_storage_options")
+    if pool is not None:
+        data["retrieval"]["pool_storage_options"] = redact(pool)
     return json.loads(json.dumps(data))
 
 

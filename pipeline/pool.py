@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.archives import check_member
 from pipeline.errors import InputError
 from pipeline.images import IMAGE_SUFFIXES, decode
 from pipeline.storage import filesystem
@@ -100,6 +101,7 @@ def stream(task: PoolTask, options: dict[str, Any] | None = None) -> Iterator[tu
         return
     with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for member in tar:
+            check_member(member, task.url)
             name = member.name.removeprefix("./")
             if member.isfile() and name.lower().endswith(IMAGE_SUFFIXES):
                 handle = tar.extractfile(member)

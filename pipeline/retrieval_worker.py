@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.archives import UnsafeArchive
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.pool import PoolTask, decode_or_none, stream
@@ -127,7 +128,7 @@ class PoolWorker:
         """The task's items; an archive that breaks off ends the task, and is reported."""
         try:
             yield from stream(task, self.pool_options)
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        except (tarfile.TarError, EOFError, zlib.error, OSError, UnsafeArchive) as error:
             log.warning("pool task %s breaks off: %s", task.url, error)
             self.broken = f"{type(error).__name__}: {error}"
 

@@ -27,7 +27,7 @@ from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards
 from pipeline.storage import absolute, check_writable, join
-from pipeline.teachers import load_teacher
+from pipeline.teachers import load_teacher, load_verifier
 from pipeline.worker import ShardWorker
 from synthesizers import get_synthesizer
 
@@ -61,6 +61,8 @@ def run_job(config: Config) -> dict[str, Any]:
     options = config.run.storage_options
     check_writable(config.run.output, options)
     teacher = load_teacher(config.teacher, options)
+    if config.filter.verifier is not None:  # the workers load it: a bad one fails here first
+        load_verifier(config.filter.verifier, options)
     feature_layers(config, teacher.model)  # unknown layer names fail before anything is written
     metadata = None
     if get_synthesizer(config.synthesizer.name).uses_metadata:
@@ -257,8 +259,32 @@ def connect_ray(config: Config) -> Any:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # the embedded default: a fresh local cluster on this machine
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        start_local_ray(ray)
     return ray
+
+
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(ray: Any, **options: Any) -> None:
+    """``ray.init`` of a fresh local cluster whose servers all listen on 127.0.0.1.
+
+    On Linux Ray binds its gRPC servers, agents and workers to every interface, whatever
+    ``_node_ip_address`` says; it keeps them on loopback only when it takes the machine
+    for a single-node laptop cluster (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), a switch
+    it reads once, at import: so the environment (for the processes it starts) and the
+    constant (for this one) are both set. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` opts out.
+    """
+    if os.environ.setdefault(LOOPBACK_SWITCH, "0") == "0":
+        try:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        except (ImportError, AttributeError):  # another Ray: the environment still applies
+            pass
+        options.setdefault("_node_ip_address", "127.0.0.1")
+    options.setdefault("include_dashboard", False)
+    ray.init(address="local", logging_level=logging.WARNING, **options)
 
 
 class RayExecutor:

@@ -18,6 +18,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from pipeline.archives import check_member
 from pipeline.storage import atomic_open, filesystem, join, read_json, write_json
 
 FIXED_MTIME = 0.0  # reproducible tar bytes
@@ -130,6 +131,7 @@ def read_images(
     found: dict[str, dict[str, bytes]] = {}
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
+            check_member(member, url)
             if not member.isfile():
                 continue
             key, _, extension = member.name.partition(".")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,17 +23,44 @@ from fsspec.core import url_to_fs
 from pipeline.errors import InputError
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s@]*@")
 PROBE_SECONDS = 5
 
 
 def normalise_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """fsspec keyword arguments for ``url``; ``endpoint_url`` is routed where s3fs wants it."""
     options = dict(options or {})
+    check_acl(options)
     if protocol_of(url) == "s3" and "endpoint_url" in options:
         client = dict(options.pop("client_kwargs", {}) or {})
         client["endpoint_url"] = options.pop("endpoint_url")
         options["client_kwargs"] = client
     return options
+
+
+PRIVATE_ACLS = ("private", "bucket-owner-full-control", "bucket-owner-read")
+
+
+def check_acl(options: dict[str, Any]) -> None:
+    """Refuse storage options that would make written objects readable by others.
+
+    dreamshard sends no ACL with its uploads (objects are private to the bucket owner,
+    and buckets with ACLs disabled, the AWS default, accept nothing else); a private
+    canned ACL may be asked for explicitly in ``s3_additional_kwargs``.
+    """
+    extra = options.get("s3_additional_kwargs") or {}
+    for key, value in extra.items():
+        if key.lower() == "acl" and str(value).lower() not in PRIVATE_ACLS:
+            raise InputError(
+                f"storage_options.s3_additional_kwargs.{key}: {value!r} would let others read "
+                f"every object written; dreamshard writes private objects (allowed: "
+                f"{', '.join(PRIVATE_ACLS)})"
+            )
+        if key.lower().startswith("grant"):
+            raise InputError(
+                f"storage_options.s3_additional_kwargs.{key}: grants to other accounts are "
+                "refused; give access through the bucket's policy"
+            )
 
 
 def protocol_of(url: str) -> str:
@@ -66,9 +95,27 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
             return {k: clean(v, k) for k, v in value.items()}
         if any(word in key.lower() for word in SECRET_WORDS):
             return "***"
+        if isinstance(value, str):
+            return redact_url(value)
         return value
 
     return clean(dict(options or {}))
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` replaced."""
+    return URL_PASSWORD.sub(r"\1***@", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats like ``formatter``, then removes URL passwords (from tracebacks too)."""
+
+    def __init__(self, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = formatter or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(self.inner.format(record))
 
 
 def exists(url: str, options: dict[str, Any] | None = None) -> bool:
@@ -165,6 +212,7 @@ def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
     endpoint = opts.get("client_kwargs", {}).get("endpoint_url") or os.environ.get(
         "AWS_ENDPOINT_URL", "the default AWS endpoint"
     )
+    endpoint = redact_url(endpoint)
     try:
         fs = fsspec.filesystem("s3", **opts)
         fs.ls(bucket, refresh=True)
@@ -175,8 +223,8 @@ def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
     except Exception as error:  # botocore raises many types for an unreachable endpoint
         raise InputError(
             f"run.output: S3 endpoint {endpoint} did not answer for bucket {bucket!r} "
-            f"({type(error).__name__}: {error})"
-        ) from error
+            f"({type(error).__name__}: {redact_url(str(error))})"
+        ) from None  # the chained error would print the endpoint's password
 
 
 def register_webdataset_opener() -> None:

@@ -66,8 +66,10 @@ def job_address(address: str | None) -> str:
 def connect(address: str | None) -> Any:
     """A ``JobSubmissionClient``, after a bounded check that the address answers."""
     url = job_address(address)
+    headers = auth_headers()
+    probe = urllib.request.Request(f"{url}/api/version", headers=headers)
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=PROBE_SECONDS) as response:
+        with urllib.request.urlopen(probe, timeout=PROBE_SECONDS) as response:
             json.loads(response.read())
     except urllib.error.HTTPError as error:
         raise InputError(
@@ -83,9 +85,28 @@ def connect(address: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(url)
+        return JobSubmissionClient(url, headers=headers or None)
     except (ConnectionError, RuntimeError) as error:
         raise InputError(f"--address {url}: {error}") from error
+
+
+def auth_headers() -> dict[str, str]:
+    """The ``Authorization`` header for a dashboard with token authentication
+    (``RAY_AUTH_MODE=token``; the token from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+    or ``~/.ray/auth_token``, as Ray's own clients find it); none otherwise. Ray reads
+    these once per process, so they are read here, for every connection."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    if not token:
+        raise InputError(
+            "RAY_AUTH_MODE=token but no token was found: set RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH (or write ~/.ray/auth_token)"
+        )
+    return {"Authorization": f"Bearer {token}"}
 
 
 def check_credentials(config: Config) -> None:

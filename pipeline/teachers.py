@@ -44,18 +44,7 @@ def load_checkpoint(
     except (OSError, PermissionError) as error:
         raise InputError(f"teacher.checkpoint: {url} cannot be read ({error})") from error
     digest = hashlib.sha256(data).hexdigest()
-    try:
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise InputError(
-            f"teacher.checkpoint: {url} was refused: it holds objects other than tensors "
-            f"and plain containers, and dreamshard only loads with weights_only=True"
-        ) from error
-    except Exception as error:  # truncated zip, not a torch file at all …
-        raise InputError(
-            f"teacher.checkpoint: {url} is not a readable PyTorch checkpoint "
-            f"({type(error).__name__}: {error})"
-        ) from error
+    loaded = load_weights(data, f"teacher.checkpoint: {url}")
     if not isinstance(loaded, dict):
         raise InputError(
             f"teacher.checkpoint: {url} holds a {type(loaded).__name__}, not a state dict"
@@ -72,6 +61,24 @@ def load_checkpoint(
         if isinstance(value, torch.Tensor):
             state[key] = value
     return state, meta, digest
+
+
+def load_weights(source: bytes | str, where: str) -> Any:
+    """``torch.load`` of checkpoint bytes (or a local file) with ``weights_only=True``:
+    tensors and plain containers only, so a pickle that would run code is refused.
+    :class:`InputError` names ``where`` (the field and URL) otherwise."""
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else source
+        return torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(
+            f"{where} was refused: it holds objects other than tensors "
+            f"and plain containers, and dreamshard only loads with weights_only=True"
+        ) from error
+    except Exception as error:  # truncated zip, not a torch file at all …
+        raise InputError(
+            f"{where} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error
 
 
 def classifier_name(model: nn.Module) -> str | None:
@@ -141,6 +148,14 @@ def load_teacher(config: TeacherConfig, storage_options: dict[str, Any] | None =
     if config.fuse_bn:
         return Teacher(fuse(model, config.arch), config, f"{digest}+fuse_bn")
     return Teacher(model, config, digest)
+
+
+def load_verifier(config: TeacherConfig, storage_options: dict[str, Any] | None = None) -> Teacher:
+    """The filter's verifier, loaded like a teacher; errors name ``filter.verifier``."""
+    try:
+        return load_teacher(config, storage_options)
+    except InputError as error:
+        raise InputError(f"filter.verifier: {error}") from error
 
 
 def fuse(model: nn.Module, arch: str) -> nn.Module:

@@ -21,7 +21,7 @@ from pipeline.metadata import Metadata, load_metadata
 from pipeline.metrics import record_shard
 from pipeline.plan import ShardTask
 from pipeline.shards import Sample, shard_url, write_shard, write_sidecar
-from pipeline.teachers import Teacher, load_teacher
+from pipeline.teachers import Teacher, load_teacher, load_verifier
 from synthesizers import SynthesisResult, SynthesisSpec, build_synthesizer
 
 log = logging.getLogger("dreamshard.worker")
@@ -103,7 +103,7 @@ class ShardWorker:
         if metadata_url is not None:
             self.metadata = load_metadata(metadata_url, options)
         verifier = config.filter.verifier
-        self.verifier = load_teacher(verifier, options) if verifier else None
+        self.verifier = load_verifier(verifier, options) if verifier else None
 
     def spec(self, labels: list[int], seed: int, rows: list[int] | None = None) -> SynthesisSpec:
         t = self.config.teacher

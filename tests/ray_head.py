@@ -106,14 +106,18 @@ def wait_ready(head: RayHead, deadline: float) -> None:
     """Until the job agent accepts a job (it answers a few seconds after the dashboard)."""
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.submit import auth_headers
+
     last = "no answer"
     while time.monotonic() < deadline:
         if head.process.poll() is not None:
             raise RuntimeError(f"ray start exited {head.process.returncode}:\n{head.log_tail()}")
         try:
-            with urllib.request.urlopen(f"{head.address}/api/version", timeout=2):
+            headers = auth_headers()  # a head with token authentication
+            version = urllib.request.Request(f"{head.address}/api/version", headers=headers)
+            with urllib.request.urlopen(version, timeout=2):
                 pass
-            client = JobSubmissionClient(head.address)
+            client = JobSubmissionClient(head.address, headers=headers or None)
             job = client.submit_job(entrypoint="echo ready")
             while str(client.get_job_status(job).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
                 time.sleep(0.5)
