@@ -25,7 +25,7 @@ from pipeline.metadata import ensure_metadata, feature_layers
 from pipeline.metrics import record_failure
 from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
-from pipeline.shards import completed_shards
+from pipeline.shards import completed_shards, remove_partials
 from pipeline.storage import absolute, check_writable, join
 from pipeline.teachers import load_teacher
 from pipeline.worker import ShardWorker
@@ -79,7 +79,9 @@ def run_job(config: Config) -> dict[str, Any]:
     log.info("%d shards planned, %d already complete", len(plan), len(plan) - len(todo))
     if todo:
         executor = InlineExecutor if config.runtime.executor == "inline" else RayExecutor
+        _remove_partials(run_url, options)  # a killed run's half-written files
         executor(config, run_url, metadata.url if metadata else None).run(todo)
+        _remove_partials(run_url, options)  # those of actors killed in this run
     manifest = finalise_run(run_url, config, plan, teacher.digest, options, metadata)
     written = {task.name for task in todo}
     manifest["this_run"] = {
@@ -93,6 +95,12 @@ def run_job(config: Config) -> dict[str, Any]:
 
         manifest["retrieval"] = run_retrieval(config)["totals"]
     return manifest
+
+
+def _remove_partials(run_url: str, options: dict[str, Any] | None) -> None:
+    removed = remove_partials(run_url, options)
+    if removed:
+        log.warning("removed %d half-written file(s) of killed writers", len(removed))
 
 
 class Progress:

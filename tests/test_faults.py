@@ -1,0 +1,228 @@
+"""Faults a nightly run must survive, each a real one on loopback (issue 10).
+
+1. an inversion actor SIGKILLed in the middle of a shard; 2. the S3 server (SeaweedFS)
+stopped mid-run and restarted, or down past the retry budget; 3. the driver SIGKILLed
+mid-run; 4. a shard corrupted after it was written; 5. a batch whose loss or images
+become NaN/inf. The sixth, a Ray Train worker killed during KD, is
+``tests/test_evaluation_training.py::test_a_killed_worker_resumes_from_the_last_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tests_support import config_dict
+
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.plan import make_plan
+from pipeline.runtime import RunFailed, run_job
+from synthesizers import SYNTHESIZERS, SynthesisResult, SynthesisSpec
+from synthesizers.deepinversion import DeepInversion
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- what every fault must leave: complete, verified, no duplicates, no partial files
+
+
+def tar_samples(data: bytes) -> dict[str, set[str]]:
+    """``key -> extensions`` of a tar, read with ``tarfile`` (no dreamshard code)."""
+    samples: dict[str, set[str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            assert member.isfile(), member.name
+            key, _, extension = member.name.partition(".")
+            assert extension not in samples.setdefault(key, set()), f"{member.name} twice"
+            samples[key].add(extension)
+    return samples
+
+
+def check_complete_run(files: dict[str, bytes], manifest: dict, plan_names: list[str]) -> int:
+    """``files``: every object of the run's shards folder (name -> bytes). Exactly one tar
+    and one sidecar per planned shard, no partial file, each tar's sha256 and sample count
+    those of its sidecar, no key in two places, totals equal to what the tars hold.
+    Returns the number of samples read back."""
+    assert sorted(files) == sorted(f"{n}{ext}" for n in plan_names for ext in (".tar", ".json"))
+    keys: set[str] = set()
+    for name in plan_names:
+        data, sidecar = files[f"{name}.tar"], json.loads(files[f"{name}.json"])
+        assert sidecar["sha256"] == hashlib.sha256(data).hexdigest(), name
+        samples = tar_samples(data)
+        assert all({"png", "cls", "json"} <= parts for parts in samples.values()), name
+        assert len(samples) == sidecar["samples"] == len(sidecar["index"]), name
+        assert not keys & set(samples), f"{name} repeats keys"
+        keys |= set(samples)
+    assert [s["name"] for s in manifest["shards"]] == plan_names
+    assert manifest["totals"]["images"] == len(keys)
+    return len(keys)
+
+
+def local_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (run / "shards").iterdir()}
+
+
+def digests(run: Path) -> dict[str, str]:
+    """sha256 of every complete shard (tar with its sidecar) of a local run."""
+    shards = run / "shards"
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(shards.glob("*.tar"))
+        if p.with_suffix(".json").exists()
+    }
+
+
+# --- 5. a batch whose loss or images become NaN/inf
+
+
+class Poisoned(DeepInversion):
+    """DeepInversion whose batches go non-finite for chosen seeds: ``loss`` feeds the
+    teacher NaN inputs (NaN loss, then NaN pixels), ``images`` returns NaN images with
+    finite losses (a fault the loss check alone would miss)."""
+
+    name = "poisoned"
+    seeds: ClassVar[dict[int, str]] = {}  # seed -> "loss" | "images"
+    mode = ""
+
+    def prepare(self, spec: SynthesisSpec) -> None:
+        super().prepare(spec)
+        self.mode = self.seeds.get(spec.seed, "")
+
+    def teacher_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.mode == "loss":
+            inputs = inputs * float("nan")
+        return super().teacher_forward(inputs)
+
+    def synthesize(self, spec: SynthesisSpec) -> SynthesisResult:
+        result = super().synthesize(spec)
+        if self.mode == "images":
+            result.images[0, 0, 0, 0] = float("inf")
+        return result
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> type[Poisoned]:
+    monkeypatch.setitem(SYNTHESIZERS, "poisoned", Poisoned)
+    monkeypatch.setattr(Poisoned, "seeds", {})
+    return Poisoned
+
+
+def test_a_nonfinite_batch_is_retried_with_a_new_seed_recorded_and_never_written(
+    poisoned, make_config, tmp_path: Path
+) -> None:
+    config = make_config(
+        synthesizer={"name": "poisoned", "iterations": 3},
+        plan={"num_images": 32, "shard_size": 16, "batch_size": 8},
+        filter={"enabled": False, "max_attempts": 3},
+    )
+    first, second = make_plan(config)
+    # shard 0: batch 0's loss and batch 1's images are non-finite on the first attempt only;
+    # shard 1: batch 1 is non-finite on every attempt
+    hopeless = [second.batch_seed(1, attempt) for attempt in range(3)]
+    poisoned.seeds.update(
+        {first.batch_seed(0, 0): "loss", first.batch_seed(1, 0): "images"}
+        | dict.fromkeys(hopeless, "loss")
+    )
+    manifest = run_job(config)
+
+    run = tmp_path / "out" / "test"
+    files = local_files(run)
+    written = check_complete_run(files, manifest, [first.name, second.name])
+    assert written == 16 + 8
+    one, two = (json.loads(files[f"{t.name}.json"]) for t in (first, second))
+    assert one["nonfinite_seeds"] == [first.batch_seed(0, 0), first.batch_seed(1, 0)]
+    assert (one["samples"], one["attempts"]) == (16, 4)  # each batch: 1 bad + 1 good
+    assert two["nonfinite_seeds"] == hopeless  # bounded by filter.max_attempts
+    assert (two["samples"], two["rejected"], two["attempts"]) == (8, 8, 1 + 3)
+    missing = {str(label) for label in second.labels[8:]}  # batch 1's classes
+    assert {k for k, v in two["per_class"].items() if v["missing"]} == missing
+    assert set(manifest["totals"]["failing_classes"]) == missing
+    # no sample came from a poisoned batch, and every stored image is a real picture
+    bad = set(poisoned.seeds)
+    for name in (first.name, second.name):
+        with tarfile.open(run / "shards" / f"{name}.tar") as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                if member.name.endswith(".json"):
+                    assert json.loads(data)["seed"] not in bad, member.name
+                if member.name.endswith(".png"):
+                    image = Image.open(io.BytesIO(data))
+                    assert (image.mode, image.size) == ("RGB", (32, 32))
+
+
+def test_the_poison_really_makes_the_batch_nonfinite(poisoned, make_config) -> None:
+    from pipeline.teachers import load_teacher
+    from pipeline.worker import finite
+
+    config = make_config(synthesizer={"name": "poisoned", "iterations": 2})
+    teacher = load_teacher(config.teacher).model
+    synthesizer = poisoned(teacher, config.synthesizer.params)
+    poisoned.seeds.update({1: "loss", 2: "images"})
+    spec = SynthesisSpec(torch.arange(4), (3, 32, 32), 0, config.teacher.mean, config.teacher.std)
+    clean = synthesizer.synthesize(spec)
+    assert finite(clean)
+    loss = synthesizer.synthesize(dataclasses.replace(spec, seed=1))
+    assert not math.isfinite(loss.losses["total"]) and not finite(loss)
+    images = synthesizer.synthesize(dataclasses.replace(spec, seed=2))
+    assert all(math.isfinite(v) for v in images.losses.values())
+    assert not finite(images)
+
+
+# --- 4. a shard corrupted after it was written
+
+
+def test_a_corrupted_shard_is_named_by_inspect_and_by_the_loader(
+    make_config, s3_server, capsys
+) -> None:
+    from evaluation.loader import ShardDataset, ShardError, load_all, resolve_shards
+
+    bucket, fs = s3_server.make_bucket(), s3_server.filesystem()
+    options = s3_server.storage_options()
+    config = make_config(run={"output": f"s3://{bucket}/runs", "storage_options": options})
+    manifest = run_job(config)
+    run_url = manifest["run_url"]
+    victim = f"{run_url.removeprefix('s3://')}/shards/train-000001.tar"
+    data = bytearray(fs.cat(victim))
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    fs.pipe(victim, bytes(data))  # the object is replaced: same name, flipped bytes
+
+    storage = [arg for k, v in options.items() for arg in ("--storage-option", f"{k}={v}")]
+    assert main(["inspect", run_url, *storage]) == 0  # complete: only --verify reads the bytes
+    capsys.readouterr()
+    assert main(["inspect", run_url, "--verify", *storage]) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["corrupt"] == ["train-000001"] and report["complete"]
+    assert s3_server.secret not in out + err
+
+    shards = resolve_shards(run_url, options)
+    dataset = ShardDataset(shards.shards, (0.5,) * 3, (0.5,) * 3, storage_options=options)
+    seen = 0
+    with pytest.raises(ShardError, match=r"train-000001\.tar: sha256 .* does not match"):
+        for _ in dataset:
+            seen += 1
+    assert seen == 16  # the intact first shard was read, the corrupt one refused whole
+    with pytest.raises(ShardError, match=r"train-000001\.tar"):
+        load_all(shards, options=options)
