@@ -226,3 +226,87 @@ def test_a_corrupted_shard_is_named_by_inspect_and_by_the_loader(
     assert seen == 16  # the intact first shard was read, the corrupt one refused whole
     with pytest.raises(ShardError, match=r"train-000001\.tar"):
         load_all(shards, options=options)
+
+
+# --- processes of this test (never anyone else's on the machine)
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def descendants(root: int) -> list[int]:
+    """Every living process below ``root``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(parent(int(entry)), []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def busy_actors() -> list[int]:
+    """This test's shard actors while they run a shard (Ray titles them ``ShardWorker.run``)."""
+    return [p for p in descendants(os.getpid()) if b"ShardWorker.run" in command_line(p)]
+
+
+# --- 1. an inversion actor SIGKILLed in the middle of a shard
+
+
+def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_regenerated(
+    ray_cluster, make_config, tmp_path: Path, caplog
+) -> None:
+    config = make_config(
+        synthesizer={"iterations": 30},
+        plan={"num_images": 48, "shard_size": 8, "batch_size": 8},
+        runtime={"executor": "ray", "num_workers": 2, "max_retries": 1},
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["manifest"] = run_job(config)
+        except BaseException as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    caplog.set_level(logging.WARNING, logger="dreamshard.runtime")
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and killed is None and time.monotonic() < deadline:
+        busy = busy_actors()
+        if busy:
+            time.sleep(0.3)  # well inside the shard (about 1 s of synthesis per batch)
+            if busy[0] in busy_actors():
+                killed = busy[0]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(240)
+    assert "error" not in outcome, outcome.get("error")
+    assert killed is not None, "no actor was seen running a shard"
+    messages = [r.getMessage() for r in caplog.records]
+    died = [m for m in messages if m.startswith("actor for")]
+    assert len(died) == 1, messages  # the killed actor's shard went to a new actor
+    shard = died[0].split()[2]
+    assert any(f"shard {shard} failed" in m and f"pid: {killed}" in m for m in messages)
+    plan = [t.name for t in make_plan(config)]
+    assert shard in plan
+    run_dir = tmp_path / "out" / "test"
+    files = local_files(run_dir)  # also: no *.partial-* left by the killed writer
+    assert check_complete_run(files, outcome["manifest"], plan) == 48
+    assert json.loads(files[f"{shard}.json"])["samples"] == 8  # regenerated in full
