@@ -26,7 +26,7 @@ from pipeline.metrics import record_failure
 from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards, remove_partials
-from pipeline.storage import absolute, check_writable, join
+from pipeline.storage import StorageUnavailable, absolute, check_writable, join
 from pipeline.teachers import load_teacher
 from pipeline.worker import ShardWorker
 from synthesizers import get_synthesizer
@@ -229,6 +229,8 @@ class InlineExecutor:
                     try:
                         progress.update(worker.run(task))
                         break
+                    except StorageUnavailable as error:  # down past the retry budget: stop
+                        raise RunFailed(f"shard {task.name}: {error}") from error
                     except Exception as error:  # retried, then reported
                         log.warning("shard %s failed (try %d): %s", task.name, attempt + 1, error)
                         record_failure(self.config.run.name, self.config.synthesizer.name)
@@ -331,6 +333,8 @@ class RayExecutor:
                     cause = getattr(error, "cause", None)
                     if isinstance(cause, InputError):
                         raise cause from error
+                    if isinstance(cause, StorageUnavailable):  # past the retry budget: stop
+                        raise RunFailed(f"shard {task.name}: {cause}") from error
                     tries[task.name] = tries.get(task.name, 0) + 1
                     record_failure(self.config.run.name, self.config.synthesizer.name)
                     log.warning("shard %s failed (try %d): %s", task.name, tries[task.name], error)

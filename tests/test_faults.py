@@ -396,3 +396,104 @@ def test_a_killed_driver_resumes_with_completed_shards_untouched(
     assert {n: (shards / n).stat().st_mtime_ns for n in before} == times  # not rewritten
     plan = [t.name for t in make_plan(parse_config(data))]
     assert check_complete_run(local_files(tmp_path / "out" / "test"), rerun, plan) == 96
+
+
+# --- 2. the S3 server stopped mid-run
+
+
+def s3_files(fs: Any, run_url: str) -> dict[str, bytes]:
+    folder = f"{run_url.removeprefix('s3://')}/shards"
+    return {p.rsplit("/", 1)[-1]: fs.cat(p) for p in fs.ls(folder, detail=False, refresh=True)}
+
+
+def s3_sidecars(fs: Any, run_url: str) -> int:
+    folder = f"{run_url.removeprefix('s3://')}/shards"
+    with contextlib.suppress(FileNotFoundError):
+        return sum(p.endswith(".json") for p in fs.ls(folder, detail=False, refresh=True))
+    return 0
+
+
+def start_run(config: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """``run_job(config)`` in a thread; the outcome dict gets ``manifest`` or ``error``."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["manifest"] = run_job(config)
+        except BaseException as error:  # reported by the test's assertions
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for_sidecars(fs: Any, run_url: str, count: int, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + 120
+    while s3_sidecars(fs, run_url) < count and time.monotonic() < deadline:
+        assert thread.is_alive(), "the run ended before the fault"
+        time.sleep(0.1)
+
+
+def test_writes_retry_with_backoff_through_a_10_second_s3_outage(
+    restartable_s3, make_config, caplog
+) -> None:
+    server = restartable_s3.server
+    bucket, fs = server.make_bucket(), server.filesystem()
+    config = make_config(
+        run={"output": f"s3://{bucket}/runs", "storage_options": server.storage_options()},
+        plan={"num_images": 96, "shard_size": 4, "batch_size": 4},
+        runtime={"io_retries": 5, "io_backoff_s": 1.0},  # the defaults: about 31 s of waits
+    )
+    run_url = f"s3://{bucket}/runs/test"
+    caplog.set_level(logging.WARNING, logger="dreamshard.storage")
+    thread, outcome = start_run(config)
+    wait_for_sidecars(fs, run_url, 2, thread)
+    restartable_s3.stop()
+    down = time.monotonic()
+    time.sleep(10)
+    assert restartable_s3.start() is None
+    outage = time.monotonic() - down
+    thread.join(300)
+    assert "error" not in outcome, outcome.get("error")
+    retries = [r.getMessage() for r in caplog.records if r.name == "dreamshard.storage"]
+    assert retries, "no write met the outage"
+    assert all(server.endpoint_url in m and server.secret not in m for m in retries)
+    assert len(retries) <= 5 and "retry 1 of 5 in 1.0 s" in retries[0]
+    assert outage >= 10
+    plan = [t.name for t in make_plan(config)]
+    assert check_complete_run(s3_files(fs, run_url), outcome["manifest"], plan) == 96
+
+
+def test_s3_down_past_the_retry_budget_fails_clearly_and_a_rerun_resumes(
+    restartable_s3, make_config
+) -> None:
+    server = restartable_s3.server
+    bucket, fs = server.make_bucket(), server.filesystem()
+    config = make_config(
+        run={"output": f"s3://{bucket}/runs", "storage_options": server.storage_options()},
+        plan={"num_images": 48, "shard_size": 4, "batch_size": 4},
+        runtime={"io_retries": 1, "io_backoff_s": 0.2, "max_retries": 0},
+    )
+    run_url = f"s3://{bucket}/runs/test"
+    thread, outcome = start_run(config)
+    wait_for_sidecars(fs, run_url, 2, thread)
+    restartable_s3.stop()
+    thread.join(120)
+    error = outcome.get("error")
+    assert isinstance(error, RunFailed), outcome
+    message = str(error)
+    assert server.endpoint_url in message and "did not answer after 2 tries" in message
+    assert f"{run_url}/shards/train-0000" in message and "rerun" in message
+    assert server.secret not in message and server.key not in message
+    assert restartable_s3.start() is None
+    done = {n: d for n, d in s3_files(fs, run_url).items() if n.endswith(".json")}
+    assert 2 <= len(done) < 12
+    before = {n: fs.cat(f"{run_url}/shards/{n[:-5]}.tar") for n in done}
+
+    manifest = run_job(config)
+    assert manifest["this_run"]["shards_resumed"] == len(done)
+    files = s3_files(fs, run_url)
+    assert {n: files[f"{n[:-5]}.tar"] for n in done} == before  # byte-identical
+    plan = [t.name for t in make_plan(config)]
+    assert check_complete_run(files, manifest, plan) == 48
