@@ -338,7 +338,7 @@ def stop_processes(pids: list[int], seconds: float = 15.0) -> None:
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and any(
-        Path(f"/proc/{p}").exists() and b"" != command_line(p) for p in pids
+        Path(f"/proc/{p}").exists() and command_line(p) != b"" for p in pids
     ):
         time.sleep(0.2)
 
@@ -497,3 +497,48 @@ def test_s3_down_past_the_retry_budget_fails_clearly_and_a_rerun_resumes(
     assert {n: files[f"{n[:-5]}.tar"] for n in done} == before  # byte-identical
     plan = [t.name for t in make_plan(config)]
     assert check_complete_run(files, manifest, plan) == 48
+
+
+def test_only_transient_storage_errors_are_retried_within_a_bounded_budget() -> None:
+    import botocore.exceptions
+
+    from pipeline.errors import InputError
+    from pipeline.storage import StorageUnavailable, is_transient, with_retries
+
+    server_error = botocore.exceptions.ClientError(
+        {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}, "Put"
+    )
+    wrapped = OSError(5, "Internal error")  # as s3fs translates a 500
+    wrapped.__cause__ = server_error
+    for error in (ConnectionRefusedError(111, "refused"), TimeoutError(), wrapped):
+        assert is_transient(error), error
+    missing = botocore.exceptions.ClientError({"Error": {"Code": "NoSuchBucket"}}, "Put")
+    for error in (FileNotFoundError("b/k"), InputError("bucket"), missing, ValueError("x")):
+        assert not is_transient(error), error
+
+    waits: list[float] = []
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionResetError(104, "reset")
+        return "done"
+
+    assert with_retries(flaky, "s3://b/k", 3, 0.5, "http://e", waits.append) == "done"
+    assert waits == [0.5, 1.0] and calls["n"] == 3
+
+    def down() -> None:
+        raise ConnectionRefusedError(111, "refused")
+
+    waits.clear()
+    with pytest.raises(StorageUnavailable, match=r"s3://b/k: http://e did not answer after 3"):
+        with_retries(down, "s3://b/k", 2, 1.0, "http://e", waits.append)
+    assert waits == [1.0, 2.0]
+
+    def gone() -> None:
+        raise FileNotFoundError("s3://b/k")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(gone, "s3://b/k", 5, 1.0, "http://e", waits.append)
+    assert waits == [1.0, 2.0]  # no wait: not retried
