@@ -466,15 +466,16 @@ def test_writes_retry_with_backoff_through_a_10_second_s3_outage(
 
 
 def test_s3_down_past_the_retry_budget_fails_clearly_and_a_rerun_resumes(
-    restartable_s3, make_config
+    ray_cluster, restartable_s3, make_config
 ) -> None:
     server = restartable_s3.server
     bucket, fs = server.make_bucket(), server.filesystem()
-    config = make_config(
-        run={"output": f"s3://{bucket}/runs", "storage_options": server.storage_options()},
-        plan={"num_images": 48, "shard_size": 4, "batch_size": 4},
-        runtime={"io_retries": 1, "io_backoff_s": 0.2, "max_retries": 0},
-    )
+    sections = {
+        "run": {"output": f"s3://{bucket}/runs", "storage_options": server.storage_options()},
+        "plan": {"num_images": 48, "shard_size": 4, "batch_size": 4},
+    }
+    budget = {"io_retries": 1, "io_backoff_s": 0.2, "max_retries": 2}
+    config = make_config(**sections, runtime={**budget, "executor": "ray", "num_workers": 2})
     run_url = f"s3://{bucket}/runs/test"
     thread, outcome = start_run(config)
     wait_for_sidecars(fs, run_url, 2, thread)
@@ -483,6 +484,7 @@ def test_s3_down_past_the_retry_budget_fails_clearly_and_a_rerun_resumes(
     error = outcome.get("error")
     assert isinstance(error, RunFailed), outcome
     message = str(error)
+    assert message.startswith("shard train-0000")  # stopped at once, not shard after shard
     assert server.endpoint_url in message and "did not answer after 2 tries" in message
     assert f"{run_url}/shards/train-0000" in message and "rerun" in message
     assert server.secret not in message and server.key not in message
@@ -491,7 +493,7 @@ def test_s3_down_past_the_retry_budget_fails_clearly_and_a_rerun_resumes(
     assert 2 <= len(done) < 12
     before = {n: fs.cat(f"{run_url}/shards/{n[:-5]}.tar") for n in done}
 
-    manifest = run_job(config)
+    manifest = run_job(make_config(**sections))  # resumed in this process this time
     assert manifest["this_run"]["shards_resumed"] == len(done)
     files = s3_files(fs, run_url)
     assert {n: files[f"{n[:-5]}.tar"] for n in done} == before  # byte-identical
