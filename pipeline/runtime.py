@@ -26,7 +26,14 @@ from pipeline.metrics import record_failure
 from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards, remove_partials
-from pipeline.storage import StorageUnavailable, absolute, check_writable, join
+from pipeline.storage import (
+    StorageUnavailable,
+    absolute,
+    check_writable,
+    endpoint_of,
+    join,
+    with_retries,
+)
 from pipeline.teachers import load_teacher
 from pipeline.worker import ShardWorker
 from synthesizers import get_synthesizer
@@ -82,7 +89,13 @@ def run_job(config: Config) -> dict[str, Any]:
         _remove_partials(run_url, options)  # a killed run's half-written files
         executor(config, run_url, metadata.url if metadata else None).run(todo)
         _remove_partials(run_url, options)  # those of actors killed in this run
-    manifest = finalise_run(run_url, config, plan, teacher.digest, options, metadata)
+    manifest = with_retries(  # idempotent: reads the sidecars, rewrites index and manifest
+        lambda: finalise_run(run_url, config, plan, teacher.digest, options, metadata),
+        join(run_url, "manifest.json"),
+        config.runtime.io_retries,
+        config.runtime.io_backoff_s,
+        endpoint_of(run_url, options),
+    )
     written = {task.name for task in todo}
     manifest["this_run"] = {
         "shards_written": len(todo),
