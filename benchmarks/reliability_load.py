@@ -32,6 +32,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -311,6 +312,8 @@ def main() -> None:
     }
     if args.faults:
         results["faults"] = run_faults(work)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,6 +386,7 @@ def test_a_killed_driver_resumes_with_completed_shards_untouched(
             driver.kill()
         stop_processes(leftovers or ray_leftovers([], temp_dir))
     assert not ray_leftovers([], temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
     before = digests(tmp_path / "out" / "test")
     times = {n: (shards / n).stat().st_mtime_ns for n in before}
     assert 2 <= len(before) < 12, "the driver was not killed mid-run"
