@@ -11,7 +11,9 @@ import math
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +28,7 @@ from pipeline.teachers import Teacher, load_teacher
 from synthesizers import SynthesisResult, SynthesisSpec, build_synthesizer
 
 log = logging.getLogger("dreamshard.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -270,7 +273,7 @@ class ShardWorker:
         record_shard(stats, self.config.run.name, self.config.synthesizer.name)
         return stats
 
-    def _retrying(self, write, url: str):
+    def _retrying(self, write: Callable[[], T], url: str) -> T:
         """``write()`` (a whole atomic write), retried on transient storage errors."""
         runtime = self.config.runtime
         endpoint = endpoint_of(url, self.config.run.storage_options)
