@@ -8,9 +8,11 @@ run is dominated by what the pipeline does per shard (dispatch, PNG, tar, upload
 sidecar) rather than by synthesis. While it runs, this script counts the sidecars on the
 server and reads the peak resident memory (``VmHWM`` in ``/proc/<pid>/status``) of the
 driver and of each ``ShardWorker`` actor process; the figures at 50 shards are those of
-the first reading with at least 50 sidecars, the final ones the driver's ``ru_maxrss``
-at exit and each actor's last reading (every sidecar also records its actor's VmHWM when
-the shard was written: ``peak_rss_bytes``, the maximum is reported as a cross-check).
+the first reading with at least 50 sidecars; the final ones are the driver's
+``ru_maxrss`` at exit (which includes the index, preview and manifest step), its peak at
+the last reading while its actors were alive, and each actor's last reading. Every
+sidecar also records its actor's VmHWM when the shard was written (``peak_rss_bytes``);
+the maximum is reported as a cross-check.
 Afterwards every tar is read back: sha256 against its sidecar and the manifest, sample
 count with ``tarfile``, no key twice, totals; then ``dreamshard inspect --verify``.
 
@@ -147,14 +149,18 @@ def run_and_watch(
         )
     at_checkpoint: dict[str, Any] | None = None
     actors_last: dict[int, int] = {}
+    driver_shard_phase = 0  # the driver's peak while its actors were alive
     while True:  # wait4, not Popen.poll: the exit status comes with the child's rusage
         done, status, usage = os.wait4(driver.pid, os.WNOHANG)
         if done == driver.pid:
             break
-        for pid in actor_pids(driver.pid):
+        actors = actor_pids(driver.pid)
+        for pid in actors:
             peak = status_kib(pid, "VmHWM")
             if peak is not None:
                 actors_last[pid] = peak
+        if actors:
+            driver_shard_phase = status_kib(driver.pid, "VmHWM") or driver_shard_phase
         if at_checkpoint is None and sidecar_count(fs, shards_folder) >= checkpoint:
             at_checkpoint = {
                 "shards_done": sidecar_count(fs, shards_folder),
@@ -169,6 +175,7 @@ def run_and_watch(
     final = {
         "seconds": round(time.monotonic() - start, 1),
         "driver_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "driver_peak_rss_mib_while_actors_ran": round(driver_shard_phase / 1024, 1),
         "actors_peak_rss_mib": {
             str(pid): round(kib / 1024, 1) for pid, kib in sorted(actors_last.items())
         },
