@@ -391,6 +391,8 @@ def test_a_killed_driver_resumes_with_completed_shards_untouched(
     times = {n: (shards / n).stat().st_mtime_ns for n in before}
     assert 2 <= len(before) < 12, "the driver was not killed mid-run"
 
+    # as a writer killed mid-tar leaves it (whether this kill did depends on timing)
+    (shards / "train-000011.tar.partial-0123abcd").write_bytes(b"half a tar")
     rerun = run_job(parse_config({**data, "runtime": {"executor": "inline", "progress": False}}))
     assert rerun["this_run"]["shards_resumed"] == len(before)
     after = digests(tmp_path / "out" / "test")
