@@ -144,6 +144,8 @@ class RuntimeConfig:
     cpus_per_worker: float = 1.0
     max_retries: int = 2  # extra tries for a failed shard
     progress: bool = True
+    io_retries: int = 5  # extra tries of a storage write on a transient error
+    io_backoff_s: float = 1.0  # the first wait between them, doubled each time
 
     def __post_init__(self) -> None:
         if self.executor not in ("ray", "inline"):
@@ -154,6 +156,8 @@ class RuntimeConfig:
             raise ValueError("cpus_per_worker and gpus_per_worker must be positive")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be non-negative, got {self.max_retries}")
+        if self.io_retries < 0 or self.io_backoff_s < 0:
+            raise ValueError("io_retries and io_backoff_s must be non-negative")
 
 
 @dataclass

@@ -25,8 +25,15 @@ from pipeline.metadata import ensure_metadata, feature_layers
 from pipeline.metrics import record_failure
 from pipeline.nightly import resolve_run_name
 from pipeline.plan import ShardTask, make_plan
-from pipeline.shards import completed_shards
-from pipeline.storage import absolute, check_writable, join
+from pipeline.shards import completed_shards, remove_partials
+from pipeline.storage import (
+    StorageUnavailable,
+    absolute,
+    check_writable,
+    endpoint_of,
+    join,
+    with_retries,
+)
 from pipeline.teachers import load_teacher, load_verifier
 from pipeline.worker import ShardWorker
 from synthesizers import get_synthesizer
@@ -81,8 +88,16 @@ def run_job(config: Config) -> dict[str, Any]:
     log.info("%d shards planned, %d already complete", len(plan), len(plan) - len(todo))
     if todo:
         executor = InlineExecutor if config.runtime.executor == "inline" else RayExecutor
+        _remove_partials(run_url, options)  # a killed run's half-written files
         executor(config, run_url, metadata.url if metadata else None).run(todo)
-    manifest = finalise_run(run_url, config, plan, teacher.digest, options, metadata)
+        _remove_partials(run_url, options)  # those of actors killed in this run
+    manifest = with_retries(  # idempotent: reads the sidecars, rewrites index and manifest
+        lambda: finalise_run(run_url, config, plan, teacher.digest, options, metadata),
+        join(run_url, "manifest.json"),
+        config.runtime.io_retries,
+        config.runtime.io_backoff_s,
+        endpoint_of(run_url, options),
+    )
     written = {task.name for task in todo}
     manifest["this_run"] = {
         "shards_written": len(todo),
@@ -95,6 +110,12 @@ def run_job(config: Config) -> dict[str, Any]:
 
         manifest["retrieval"] = run_retrieval(config)["totals"]
     return manifest
+
+
+def _remove_partials(run_url: str, options: dict[str, Any] | None) -> None:
+    removed = remove_partials(run_url, options)
+    if removed:
+        log.warning("removed %d half-written file(s) of killed writers", len(removed))
 
 
 class Progress:
@@ -223,6 +244,8 @@ class InlineExecutor:
                     try:
                         progress.update(worker.run(task))
                         break
+                    except StorageUnavailable as error:  # down past the retry budget: stop
+                        raise RunFailed(f"shard {task.name}: {error}") from error
                     except Exception as error:  # retried, then reported
                         log.warning("shard %s failed (try %d): %s", task.name, attempt + 1, error)
                         record_failure(self.config.run.name, self.config.synthesizer.name)
@@ -349,6 +372,8 @@ class RayExecutor:
                     cause = getattr(error, "cause", None)
                     if isinstance(cause, InputError):
                         raise cause from error
+                    if isinstance(cause, StorageUnavailable):  # past the retry budget: stop
+                        raise RunFailed(f"shard {task.name}: {cause}") from error
                     tries[task.name] = tries.get(task.name, 0) + 1
                     record_failure(self.config.run.name, self.config.synthesizer.name)
                     log.warning("shard %s failed (try %d): %s", task.name, tries[task.name], error)

@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.archives import check_member
-from pipeline.storage import atomic_open, filesystem, join, read_json, write_json
+from pipeline.storage import atomic_open, filesystem, join, protocol_of, read_json, write_json
 
 FIXED_MTIME = 0.0  # reproducible tar bytes
 
@@ -102,6 +102,21 @@ def completed_shards(run_url: str, options: dict[str, Any] | None = None) -> set
         entries = []
     names = {entry.rsplit("/", 1)[-1] for entry in entries}
     return {n[:-5] for n in names if n.endswith(".json") and f"{n[:-5]}.tar" in names}
+
+
+def remove_partials(run_url: str, options: dict[str, Any] | None = None) -> list[str]:
+    """Delete the temporary ``*.partial-*`` files a killed writer left in a local run's
+    shards folder (object stores have none: an unfinished upload is never visible).
+    Call it only while no writer of this run is running; returns the names removed."""
+    if protocol_of(run_url) != "file":
+        return []
+    fs, path = filesystem(join(run_url, "shards"), options)
+    if not fs.exists(path):
+        return []
+    stale = [p for p in fs.ls(path, detail=False) if ".partial-" in p.rsplit("/", 1)[-1]]
+    for entry in stale:
+        fs.rm(entry)
+    return [entry.rsplit("/", 1)[-1] for entry in stale]
 
 
 def read_sidecar(run_url: str, name: str, options: dict[str, Any] | None = None) -> dict:

@@ -11,7 +11,9 @@ import math
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -21,10 +23,12 @@ from pipeline.metadata import Metadata, load_metadata
 from pipeline.metrics import record_shard
 from pipeline.plan import ShardTask
 from pipeline.shards import Sample, shard_url, write_shard, write_sidecar
+from pipeline.storage import endpoint_of, with_retries
 from pipeline.teachers import Teacher, load_teacher, load_verifier
 from synthesizers import SynthesisResult, SynthesisSpec, build_synthesizer
 
 log = logging.getLogger("dreamshard.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -145,7 +149,7 @@ class ShardWorker:
             outcome.attempts += 1
             outcome.synthesized += len(targets)
             outcome.tried.update(target_labels)
-            if not all(math.isfinite(v) for v in result.losses.values()):
+            if not finite(result):
                 outcome.nonfinite.append(seed)
                 continue
             keep = accepted(result, filter_config, self.verifier)
@@ -240,7 +244,8 @@ class ShardWorker:
                     entry["synthesized"],
                 )
         options = self.config.run.storage_options
-        sha256, size = write_shard(shard_url(self.run_url, task.name), samples, options)
+        url = shard_url(self.run_url, task.name)
+        sha256, size = self._retrying(lambda: write_shard(url, samples, options), url)
         stats = {
             "shard": task.name,
             "samples": len(samples),
@@ -259,16 +264,50 @@ class ShardWorker:
             "sha256": sha256,
             "bytes": size,
             "index": [[s.key, s.label, s.info["confidence"], s.info["seed"]] for s in samples],
+            "peak_rss_bytes": peak_rss_bytes(),
         }
-        write_sidecar(self.run_url, task.name, stats, options)
+        self._retrying(
+            lambda: write_sidecar(self.run_url, task.name, stats, options),
+            f"{url.removesuffix('.tar')}.json",
+        )
         record_shard(stats, self.config.run.name, self.config.synthesizer.name)
         return stats
+
+    def _retrying(self, write: Callable[[], T], url: str) -> T:
+        """``write()`` (a whole atomic write), retried on transient storage errors."""
+        runtime = self.config.runtime
+        endpoint = endpoint_of(url, self.config.run.storage_options)
+        return with_retries(write, url, runtime.io_retries, runtime.io_backoff_s, endpoint)
 
     def device_name(self) -> str:
         """The device in words, for the sidecar."""
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def finite(result: SynthesisResult) -> bool:
+    """Every loss term, image and logit is a finite number (a NaN batch is never kept)."""
+    return (
+        all(math.isfinite(v) for v in result.losses.values())
+        and bool(torch.isfinite(result.images).all())
+        and bool(torch.isfinite(result.logits).all())
+    )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM on Linux, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def per_class_rates(

