@@ -342,3 +342,43 @@ def test_bad_input_exits_2_naming_the_culprit_and_writes_nothing(
     assert __import__("re").search(message, capsys.readouterr().err)
     out = tmp_path / "out"
     assert not (out / "test").exists() and not list(out.glob("**/*.safetensors"))
+
+
+def test_the_counterfactual_command(teacher_checkpoint: str, tmp_path: Path, capsys) -> None:
+    import yaml
+    from tests_support import config_dict
+
+    rng = np.random.default_rng(1)
+    for name in ("query", "example"):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask, mode="L").save(tmp_path / "region.png")
+    sections = imagine_sections(tmp_path)
+    sections["synthesizer"].update(iterations=12, adversarial_weight=0.0, precision="fp32")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(config_dict(str(tmp_path / "out"), teacher_checkpoint, **sections))
+    )
+    args = ["counterfactual", str(config), "--query", str(tmp_path / "query.png")]
+    args += [
+        "--query-region",
+        str(tmp_path / "region.png"),
+        "--example",
+        str(tmp_path / "example.png"),
+    ]
+    args += ["--example-region", str(tmp_path / "region.png"), "--variations", "2"]
+    assert main([*args, "--out", str(tmp_path / "cf")]) == 0
+    summary = json.loads((tmp_path / "cf" / "counterfactual.json").read_text())
+    assert len(summary["confidence_in_target"]) == 2 and "query" in summary["losses"]
+    query = np.asarray(Image.open(tmp_path / "query.png"), dtype=np.float32)
+    result = np.asarray(Image.open(tmp_path / "cf" / "counterfactual-0.png"), dtype=np.float32)
+    outside = np.abs(result - query)[mask == 0].mean() / 255
+    inside = np.abs(result - query)[mask > 0].mean() / 255
+    assert outside < 0.03 and inside > 3 * outside, (outside, inside)
+    assert (tmp_path / "cf" / "sheet.png").exists()
+    capsys.readouterr()
+    args[3] = str(tmp_path / "nope.png")
+    assert main([*args, "--out", str(tmp_path / "cf2")]) == 2
+    assert "nope.png: no such file" in capsys.readouterr().err
