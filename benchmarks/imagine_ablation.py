@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    args.load_average_before = list(os.getloadavg())
+    args.command = " ".join(["python", *sys.argv])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(TeacherConfig(arch="resnet56", checkpoint=str(RESNET56)))
@@ -206,6 +209,7 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
         "teacher": "resnet56 (shared CIFAR-10 checkpoint)",
         "judge": "resnet20 (shared CIFAR-10 checkpoint, independent of the teacher)",
         "settings": vars(args),
+        "load_average_now": list(os.getloadavg()),
         "rows": rows,
     }
     (out / "cpu-imagine-ablation.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -51,20 +51,26 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from synthesizers.attribution import gaussian_blob, grad_cam, location_loss
 from synthesizers.base import Synthesizer, adam
 from synthesizers.discriminator import PatchDiscriminator, critic_loss
-from synthesizers.hooks import LayerStatistics, named_layers
+from synthesizers.hooks import named_layers
+from synthesizers.imagine_support import (
+    Reference,
+    Statistics,
+    as_images,
+    default_layers,
+    mean_std,
+    region_mask,
+    sample_statistics_distance,
+)
 from synthesizers.impression import random_crop
 from synthesizers.losses import cross_entropy, l2_prior, total_variation
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
-
-Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (N, C) mean, std
 
 
 @dataclass
@@ -134,93 +140,6 @@ class ImagineConfig(SynthesizerConfig):
         for name in ("layers", "shape_layers", "style_layers"):
             if getattr(self, name) is not None and not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty list of module names, or null")
-
-
-def default_layers(model: nn.Module) -> list[str]:
-    """Φ for ``model`` when ``layers`` is not set (the rules of the module docstring)."""
-    modules = dict(model.named_modules())
-    stages = []
-    while f"layer{len(stages) + 1}" in modules:
-        stages.append(f"layer{len(stages) + 1}")
-    if stages and "conv1" in modules:
-        if "maxpool" in modules and "fc" in modules:  # torchvision ImageNet ResNet
-            return ["conv1", *[f"{s}.{len(modules[s]) - 1}" for s in stages[:3]]]
-        return ["bn1" if "bn1" in modules else "conv1", *stages]
-    return downsampling_ends(model)
-
-
-def downsampling_ends(model: nn.Module) -> list[str]:
-    """The last conv/BN before every strided conv or pooling layer, and the last one."""
-    ends: list[str] = []
-    previous = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
-            strided = isinstance(module, nn.modules.conv._ConvNd) and max(module.stride) > 1
-            if strided and previous:
-                ends.append(previous)
-            previous = name
-        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and previous:
-            ends.append(previous)
-    if previous:
-        ends.append(previous)
-    if not ends:
-        raise ValueError("the teacher has no convolutions: name the layers (synthesizer.layers)")
-    return list(dict.fromkeys(ends))
-
-
-@dataclass
-class Reference:
-    """Images whose statistics x̂ matches at ``layers``: row ``index[b]`` for sample b."""
-
-    name: str
-    images: torch.Tensor  # (N, C, H, W) normalised
-    layers: list[str]
-    index: torch.Tensor  # (B,) int64
-
-
-def as_images(
-    value: Any, name: str, shape: tuple[int, int, int], batch: int | None = None
-) -> torch.Tensor:
-    """Guidance images in [0, 1] as float (N, C, H, W) of the teacher's ``shape``: a
-    single (C, H, W) image gets a batch dim, greyscale becomes RGB, other sizes are
-    resized; another channel count is a ValueError naming ``name``."""
-    if not isinstance(value, torch.Tensor) or value.ndim not in (3, 4):
-        raise ValueError(f"guidance[{name!r}] must be a (C, H, W) or (N, C, H, W) tensor")
-    images = value.float().unsqueeze(0) if value.ndim == 3 else value.float()
-    channels, height, width = shape
-    if images.shape[1] == 1 and channels == 3:
-        images = images.expand(-1, 3, -1, -1)
-    if images.shape[1] != channels:
-        raise ValueError(
-            f"guidance[{name!r}] has {images.shape[1]} channels; the teacher takes {channels}: "
-            f"give an RGB or greyscale image"
-        )
-    if batch is not None and len(images) not in (1, batch):
-        raise ValueError(f"guidance[{name!r}] has {len(images)} images for {batch} samples")
-    if tuple(images.shape[-2:]) != (height, width):
-        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
-    return images
-
-
-def sample_statistics_distance(
-    matched: Statistics, reference: Statistics, layers: list[str], index: torch.Tensor
-) -> torch.Tensor:
-    """Eq. 5 per sample b against reference row ``index[b]``, summed over ``layers``,
-    averaged over the batch."""
-    total = None
-    for name in layers:
-        mean, std = matched[name]
-        target_mean, target_std = (t[index] for t in reference[name])
-        distance = (mean - target_mean).norm(dim=1) + (std - target_std).norm(dim=1)
-        total = distance if total is None else total + distance
-    assert total is not None
-    return total.mean()
-
-
-def mean_std(record: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) channel mean and standard deviation of each sample."""
-    mean, var = record.per_sample()
-    return mean, (var + 1e-8).sqrt()
 
 
 @register("imagine")
@@ -298,20 +217,47 @@ class Imagine(Synthesizer):
         if len(targets) != batch:
             targets = targets.expand(batch, -1, -1, -1)
         self.unit_targets = targets
-        rows = torch.arange(batch, device=self.device)
-        single = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.mode = {}
         for field in ("shape_image", "style_image"):
             if getattr(self.config, field) and field not in g:
                 raise ValueError(f"{field} is configured but guidance[{field!r}] is missing")
+        self._references(g, shape, targets)
+        self.blob = None
+        if self.config.position is not None:
+            x, y = self.config.position
+            self.blob = gaussian_blob(shape[1:], x, y, self.config.position_sigma, self.device)
+            self.mode["position"] = {
+                "x": x,
+                "y": y,
+                "sigma": self.config.position_sigma,
+                "layer": self.position_layer,
+            }
+        self.crop_rng = random.Random(spec.seed)
+        self.discriminator = None
+        if any(stage.name == "adversarial" for stage in self.stages()):
+            self.discriminator = self._discriminator(spec)
+
+    def _references(
+        self, g: dict[str, Any], shape: tuple[int, int, int], targets: torch.Tensor
+    ) -> None:
+        """What x̂ is matched to (and D's real images): the targets at Φ; the shape image
+        at Φ^c and the targets at the rest; the style image at Φ^s; or, for a
+        counterfactual, the example's region at Φ (masks are 1 inside the regions)."""
+        batch = len(targets)
+        rows = torch.arange(batch, device=self.device)
+        single = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.query = self.outside = self.inside = None
         if "query_images" in g:  # counterfactual (Eq. 13): masks are 1 inside the regions
             if "shape_image" in g or "style_image" in g:
                 raise ValueError("a counterfactual takes no shape_image or style_image")
             self.query = self.normalise(as_images(g["query_images"], "query_images", shape, batch))
-            self.inside = _mask(g.get("query_regions"), "query_regions", shape, batch, self.device)
+            self.inside = region_mask(
+                g.get("query_regions"), "query_regions", shape, batch, self.device
+            )
             self.outside = 1.0 - self.inside
-            region = _mask(g.get("target_regions"), "target_regions", shape, batch, self.device)
+            region = region_mask(
+                g.get("target_regions"), "target_regions", shape, batch, self.device
+            )
             masked = self.normalise(targets) * region
             self.references = [Reference("target", masked, self.phi, rows)]
             self.real = targets
@@ -338,20 +284,6 @@ class Imagine(Synthesizer):
         else:
             self.references = [Reference("target", self.normalise(targets), self.phi, rows)]
             self.real = targets
-        self.blob = None
-        if self.config.position is not None:
-            x, y = self.config.position
-            self.blob = gaussian_blob(shape[1:], x, y, self.config.position_sigma, self.device)
-            self.mode["position"] = {
-                "x": x,
-                "y": y,
-                "sigma": self.config.position_sigma,
-                "layer": self.position_layer,
-            }
-        self.crop_rng = random.Random(spec.seed)
-        self.discriminator = None
-        if any(stage.name == "adversarial" for stage in self.stages()):
-            self.discriminator = self._discriminator(spec)
 
     def _discriminator(self, spec: SynthesisSpec) -> PatchDiscriminator:
         c = self.config
@@ -485,21 +417,3 @@ def _normaliser(spec: SynthesisSpec, device: torch.device):
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     return lambda images: (images.to(device) - mean) / std
-
-
-def _mask(
-    value: Any, name: str, shape: tuple[int, int, int], batch: int, device: torch.device
-) -> torch.Tensor:
-    """A 0/1 region mask as float (B, 1, H, W) (from (H, W), (1, H, W) or (N, 1, H, W))."""
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"a counterfactual needs guidance[{name!r}]: a 0/1 mask, 1 in the region")
-    mask = value.float()
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0)
-    if mask.shape[1] != 1 or len(mask) not in (1, batch):
-        raise ValueError(f"guidance[{name!r}] must be (H, W), (1, H, W) or (B, 1, H, W)")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"guidance[{name!r}] must hold only 0 and 1")
-    if tuple(mask.shape[-2:]) != tuple(shape[1:]):
-        mask = F.interpolate(mask, size=shape[1:], mode="nearest")
-    return mask.expand(batch, -1, -1, -1).to(device)
