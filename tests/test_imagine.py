@@ -73,6 +73,16 @@ def test_the_discriminator_appears_in_stage_two_only() -> None:
     assert without.discriminator is None and not any(c for _, c in without.computed)
 
 
+def test_same_seed_same_variations() -> None:
+    synth = build_synthesizer("imagine", tiny_teacher(), ImagineConfig(iterations=4, **FAST))
+    targets = torch.rand(4, 3, 16, 16)
+    first, again, other = (
+        synth.synthesize(request(seed=s, target_images=targets)) for s in (1, 1, 2)
+    )
+    assert torch.equal(first.images, again.images) and first.losses == again.losses
+    assert not torch.equal(first.images, other.images)
+
+
 def test_the_discriminator_is_table_1_and_reseeded_per_request() -> None:
     network = PatchDiscriminator()
     convs = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
