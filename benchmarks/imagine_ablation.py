@@ -20,7 +20,7 @@ A contact sheet per row (target | variations) and one with every row side by sid
 Run from the repository root::
 
     python benchmarks/imagine_ablation.py [--targets 8] [--variations 4] \
-        [--iterations 200] [--discriminator-width 32] [--out benchmarks/results]
+        [--iterations 160] [--discriminator-width 32] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--variations", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=200, help="both stages together")
+    parser.add_argument("--iterations", type=int, default=160, help="both stages together")
     parser.add_argument("--discriminator-width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -203,7 +203,7 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     result = {
         "benchmark": "imagine_ablation",
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "torch": torch.__version__,
         "data": "CIFAR-10 (JPEG) test images as targets",
         "teacher": "resnet56 (shared CIFAR-10 checkpoint)",
@@ -214,6 +214,17 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     }
     (out / "cpu-imagine-ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cpu-imagine-ablation.md").write_text(table(result))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:
