@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (submit, nightly, impression_commands):
         module.add_commands(commands)
+    from pipeline import imagine_commands
+
+    imagine_commands.add_commands(commands)
     for add_commands in plugin_commands():
         add_commands(commands)
     return parser

@@ -351,6 +351,11 @@ def check_method(config: Config) -> None:
                 f"synthesizer.student_arch: unknown architecture {student_arch!r}; valid "
                 f"names: {', '.join(architecture_names())}, torchvision:<name>"
             )
+    if method.uses_target_images and config.metadata.scenario != "seeds":
+        raise InputError(
+            f"synthesizer {config.synthesizer.name!r} makes variations of target images: set "
+            "metadata.scenario=seeds and metadata.source to a folder of them (or one image)"
+        )
     if config.metadata.scenario == "seeds" and not method.uses_metadata:
         raise InputError(
             f"metadata.scenario=seeds guides a method that matches statistics "

@@ -39,7 +39,7 @@ from pipeline.errors import InputError
 from pipeline.images import ImageFolder, decode, open_image_files, open_image_folder
 from pipeline.storage import atomic_open, exists, filesystem, join, read_bytes, read_json
 from pipeline.teachers import Teacher, load_teacher
-from synthesizers import build_synthesizer
+from synthesizers import build_synthesizer, get_synthesizer
 from synthesizers.hooks import capture_statistics
 
 log = logging.getLogger("dreamshard.metadata")
@@ -57,16 +57,18 @@ class Metadata:
     labels: list[int]  # the class of each row
     counts: list[int]  # images behind each row
     info: dict[str, Any] = field(default_factory=dict)  # the json beside the artifact
+    images: torch.Tensor | None = None  # (R, 3, H, W) uint8 seed images, when stored
 
     @property
     def rows(self) -> int:
         return len(self.labels)
 
     def guidance(self, rows: list[int]) -> dict[str, Any]:
-        return {
-            "class_statistics": self.statistics,
-            "statistics_index": torch.tensor(rows, dtype=torch.int64),
-        }
+        index = torch.tensor(rows, dtype=torch.int64)
+        guidance = {"class_statistics": self.statistics, "statistics_index": index}
+        if self.images is not None:  # each sample's own seed image, (B, 3, H, W) in [0, 1]
+            guidance["target_images"] = self.images[index].float() / 255.0
+        return guidance
 
 
 @dataclass
@@ -109,25 +111,40 @@ def ensure_metadata(config: Config, teacher: Teacher) -> Metadata:
     layers, side = feature_layers(config, teacher.model)
     names = [name for name, _ in layers]
     section = config.metadata
+    with_images = stores_images(config)
     if section.artifact:
         metadata = load_metadata(section.artifact, options)
-        check_artifact(metadata, teacher.digest, names, section.artifact)
+        check_artifact(metadata, teacher.digest, names, section.artifact, with_images)
         return metadata
     source = open_source(config)
     key = artifact_key(teacher.digest, source_digest(source), section, names, side, config)
     url = join(config.run.output, "metadata", f"{key}.safetensors")
     if exists(url, options):
         metadata = load_metadata(url, options)
-        check_artifact(metadata, teacher.digest, names, url)
+        check_artifact(metadata, teacher.digest, names, url, with_images)
         log.info("metadata: reusing %s", url)
         return metadata
     start = time.perf_counter()
     sums = collect(config, teacher, source, layers, side)
     metadata = finish(config, teacher, source, sums, names, side, url)
+    if with_images:
+        metadata.images = seed_images(source, config.teacher.image_size)
     metadata.info["seconds"] = round(time.perf_counter() - start, 3)
     save_metadata(metadata, options)
     log.info("metadata: %d rows from %d images -> %s", metadata.rows, sum(metadata.counts), url)
     return metadata
+
+
+def stores_images(config: Config) -> bool:
+    """A seeds run of a method that reads the seed images themselves (IMAGINE)."""
+    method = get_synthesizer(config.synthesizer.name)
+    return config.metadata.scenario == "seeds" and method.uses_target_images
+
+
+def seed_images(source: ImageFolder, image_size: int) -> torch.Tensor:
+    """Every source image as uint8 (R, 3, S, S) at the teacher's size, in row order."""
+    arrays = [decode(source.read(path), path, image_size) for path, _ in source.files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def open_source(config: Config) -> ImageFolder:
@@ -212,6 +229,7 @@ def artifact_key(
         str(config.teacher.image_size),
         str(config.teacher.mean),
         str(config.teacher.std),
+        *(["images"] if stores_images(config) else []),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
@@ -399,6 +417,8 @@ def save_metadata(metadata: Metadata, options: dict[str, Any] | None) -> None:
         tensors[f"{name}.var"] = var.contiguous()
     tensors["count"] = torch.tensor(metadata.counts, dtype=torch.int64)
     tensors["label"] = torch.tensor(metadata.labels, dtype=torch.int64)
+    if metadata.images is not None:
+        tensors["images"] = metadata.images.contiguous()
     header = {"format": FORMAT, "teacher_digest": metadata.info["teacher_digest"]}
     with atomic_open(metadata.url, options) as f:
         f.write(save_safetensors(tensors, metadata=header))
@@ -426,10 +446,13 @@ def load_metadata(url: str, options: dict[str, Any] | None) -> Metadata:
     names = sorted({key.rsplit(".", 1)[0] for key in tensors if key.endswith(".mean")})
     statistics = {name: (tensors[f"{name}.mean"], tensors[f"{name}.var"]) for name in names}
     labels = tensors["label"].tolist()
-    return Metadata(url, statistics, labels, tensors["count"].tolist(), info)
+    images = tensors.get("images")
+    return Metadata(url, statistics, labels, tensors["count"].tolist(), info, images)
 
 
-def check_artifact(metadata: Metadata, digest: str, names: list[str], url: str) -> None:
+def check_artifact(
+    metadata: Metadata, digest: str, names: list[str], url: str, with_images: bool = False
+) -> None:
     computed_for = metadata.info.get("teacher_digest")
     if computed_for != digest:
         raise InputError(
@@ -442,6 +465,11 @@ def check_artifact(metadata: Metadata, digest: str, names: list[str], url: str) 
         raise InputError(
             f"metadata.artifact {url} has no statistics for layer(s) {missing[:5]} that "
             f"the synthesizer reads; it holds {sorted(metadata.statistics)[:10]}"
+        )
+    if with_images and metadata.images is None:
+        raise InputError(
+            f"metadata.artifact {url} holds no seed images, which this synthesizer "
+            "matches; collect the metadata from the seeds (metadata.source)"
         )
 
 

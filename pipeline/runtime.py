@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config, check_inversion
 from pipeline.errors import InputError
+from pipeline.guidance import guidance_images
 from pipeline.manifest import finalise_run, record_run
 from pipeline.metadata import ensure_metadata, feature_layers
 from pipeline.metrics import record_failure
@@ -71,6 +72,7 @@ def run_job(config: Config) -> dict[str, Any]:
     if config.filter.verifier is not None:  # the workers load it: a bad one fails here first
         load_verifier(config.filter.verifier, options)
     feature_layers(config, teacher.model)  # unknown layer names fail before anything is written
+    guidance_images(config)  # so do image files the synthesizer config names
     metadata = None
     if get_synthesizer(config.synthesizer.name).uses_metadata:
         metadata = ensure_metadata(config, teacher)

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.archs import build_architecture
 from pipeline.config import Config, FilterConfig
+from pipeline.guidance import guidance_images
 from pipeline.metadata import Metadata, load_metadata
 from pipeline.metrics import record_shard
 from pipeline.plan import ShardTask
@@ -108,10 +109,12 @@ class ShardWorker:
             self.metadata = load_metadata(metadata_url, options)
         verifier = config.filter.verifier
         self.verifier = load_verifier(verifier, options) if verifier else None
+        self.guidance_images = guidance_images(config)  # images the method's config names
 
     def spec(self, labels: list[int], seed: int, rows: list[int] | None = None) -> SynthesisSpec:
         t = self.config.teacher
         guidance = self.metadata.guidance(rows or labels) if self.metadata else {}
+        guidance = {**self.guidance_images, **guidance}
         return SynthesisSpec(
             torch.tensor(labels, dtype=torch.int64),
             (3, t.image_size, t.image_size),
@@ -182,6 +185,7 @@ class ShardWorker:
         for j in torch.nonzero(keep).flatten().tolist():
             candidates.setdefault(target_rows[j], []).append(j)
         losses = {k: round(v, 6) for k, v in result.losses.items()}
+        controls = self.synthesizer.describe()  # what the method was asked (IMAGINE's controls)
         for slot in open_slots:
             pool = candidates.get(rows[slot])
             if not pool:
@@ -199,6 +203,8 @@ class ShardWorker:
             }
             if task.rows is not None and self.metadata is not None:
                 info["seed_image"] = self.metadata.info["seeds"][rows[slot]]["seed"]
+            if controls:
+                info["controls"] = controls
             outcome.samples[slot] = Sample(
                 task.key(offset + slot),
                 images[j],

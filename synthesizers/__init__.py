@@ -13,6 +13,7 @@ from synthesizers import (  # noqa: F401  (each module registers its method)
     adi,
     class_conditional,
     deepinversion,
+    imagine,
     impression,
 )
 from synthesizers.base import Synthesizer

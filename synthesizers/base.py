@@ -87,6 +87,12 @@ class Synthesizer:
     config_class: ClassVar[type[SynthesizerConfig]] = SynthesizerConfig
     uses_metadata: ClassVar[bool] = False  # needs per-target statistics (the metadata stage)
     needs_batchnorm: ClassVar[bool] = False  # reads BN running statistics (no fused teacher)
+    # Needs the seed images themselves (guidance["target_images"], (B, C, H, W) in [0, 1]):
+    # the metadata stage of a seeds run then stores them with the statistics.
+    uses_target_images: ClassVar[bool] = False
+    # Config fields that are image URLs: the pipeline loads each (RGB, the teacher's size)
+    # into guidance[field] as a (C, H, W) tensor in [0, 1].
+    image_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -142,6 +148,11 @@ class Synthesizer:
 
     def after_step(self, ctx: StepContext) -> None:
         """Runs after each image step: train an auxiliary network alternately here."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the last request asked of the method (its controls), recorded in each
+        sample's json; nothing by default."""
+        return {}
 
     def after_batch(self, result: SynthesisResult, accepted: torch.Tensor) -> None:
         """Runs once the filter has judged a batch: ``accepted`` is a (B,) bool mask of

@@ -82,6 +82,8 @@ def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
     request = spec()
     if method.uses_metadata:
         request.guidance.update(metadata_guidance(synth))
+    if method.uses_target_images:  # image-guided methods (imagine): one target per sample
+        request.guidance["target_images"] = torch.rand(8, 3, 16, 16)
     result = synth.synthesize(request)
     assert result.images.shape == (8, 3, 16, 16)
     assert result.images.min() >= 0 and result.images.max() <= 1
