@@ -14,6 +14,7 @@ from synthesizers import (  # noqa: F401  (each module registers its method)
     class_conditional,
     deepinversion,
     impression,
+    natural_inversion,
 )
 from synthesizers.base import Synthesizer
 from synthesizers.parametrisation import Parametrisation, PixelImages

@@ -142,9 +142,9 @@ class SmallStudent(nn.Module):
 class StudentCompetition:
     """The competition term and the student it is measured against, for any synthesizer
     whose config is a :class:`CompetitionConfig`: list this class before the method's
-    other base. It adds the weighted ``competition`` term to the method's own terms,
-    builds or checks the student in :meth:`prepare` and distils it in
-    :meth:`after_batch`, whenever :meth:`competing` says so."""
+    other base, and merge :meth:`competition_terms` and :meth:`competition_weights` into
+    the method's own. It builds or checks the student in :meth:`prepare` and distils it
+    in :meth:`after_batch`, whenever :meth:`competing` says so."""
 
     # what the synthesizer this class is mixed into provides
     name: str
@@ -215,21 +215,17 @@ class StudentCompetition:
             return self.student(inputs)
 
     # ---- the loss ---------------------------------------------------------------------
-    def weights(self, stage: Stage) -> dict[str, float]:
-        weights = super().weights(stage)
-        if self.competing():
-            weights["competition"] = self.config.competition_weight
-        return weights
+    def competition_weights(self) -> dict[str, float]:
+        """The term's weight, to merge into the method's :meth:`weights` (none when off)."""
+        return {"competition": self.config.competition_weight} if self.competing() else {}
 
-    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        terms = super().loss_terms(ctx)
-        if self.competing():
-            student_logits = self.student_forward(ctx.inputs)  # frozen: gradients reach x only
-            divergence = jensen_shannon(
-                ctx.logits, student_logits, self.config.competition_temperature
-            )
-            terms["competition"] = 1.0 - divergence
-        return terms
+    def competition_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The term, to merge into the method's :meth:`loss_terms` (none when off)."""
+        if not self.competing():
+            return {}
+        student_logits = self.student_forward(ctx.inputs)  # frozen: gradients reach x only
+        divergence = jensen_shannon(ctx.logits, student_logits, self.config.competition_temperature)
+        return {"competition": 1.0 - divergence}
 
     # ---- distillation between batches ------------------------------------------------
     def optimizer_for_student(self) -> torch.optim.Optimizer:
@@ -288,3 +284,9 @@ class StudentCompetition:
 class AdaptiveDeepInversion(StudentCompetition, DeepInversion):
     config_class = AdaptiveDeepInversionConfig
     config: AdaptiveDeepInversionConfig
+
+    def weights(self, stage: Stage) -> dict[str, float]:
+        return {**super().weights(stage), **self.competition_weights()}
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {**super().loss_terms(ctx), **self.competition_terms(ctx)}
