@@ -23,6 +23,7 @@ from synthesizers import build_synthesizer
 from synthesizers.adi import SmallStudent
 from synthesizers.feature_pyramid import FeatureTransferPyramid, find_pyramid, tap_outputs
 from synthesizers.natural_inversion import NaturalImages, NaturalInversion, NaturalInversionConfig
+from synthesizers.spec import PLAIN_PATH
 
 
 def natural(teacher: torch.nn.Module | None = None, **fields) -> NaturalInversion:
@@ -166,6 +167,17 @@ def test_each_switch_changes_the_computation() -> None:
     assert torch.equal(other_images[0], images[0])
     assert not torch.equal(other_images[1], images[1])
     assert other_losses[1]["total"] != losses[1]["total"]
+
+
+def test_speed_switches_keep_the_result() -> None:
+    """The second teacher pass (P's features) under channels_last, affine BN, fused
+    moments and fused Adam computes what the plain path computes."""
+    plain = natural(**PLAIN_PATH).synthesize(spec()).losses
+    fast = {"channels_last": True, "fused_moments": True, "fused_optimizer": True}
+    switched = natural(**{**PLAIN_PATH, **fast, "affine_batchnorm": True}).synthesize(spec())
+    assert set(switched.losses) == set(plain)
+    for name, value in plain.items():
+        assert switched.losses[name] == pytest.approx(value, rel=1e-4), name
 
 
 def test_same_seed_same_images() -> None:
