@@ -20,15 +20,16 @@ features (64-d), the Fréchet distance to real CIFAR-10 (JPEG) test images
 seconds per image; and, with ``--kd-epochs`` > 0, the test top-1 of a ResNet-20
 student distilled from the teacher on the row's images (``evaluation``'s KD on Ray
 Train, as ``benchmarks/kd_protocol.py``). The same statistics for as many real
-*training* images as a row has give the floor that sample size allows: with ~100
-images in 64 dimensions the covariance is poorly estimated and the distance is biased
-upwards, so compare rows with each other and with that floor, never with the paper's
-Inception FIDs. One contact sheet: a row of images per method.
+*training* images as a row has give the floor that sample size allows: with 50 images
+in 64 dimensions the covariance is rank-deficient and the distance is biased upwards,
+so compare rows with each other and with that floor, never with the paper's Inception
+FIDs; the k-NN precision and recall are less sensitive to the sample size. One
+contact sheet: a row of images per method.
 
 Run from the repository root::
 
-    PYTHONPATH=$PWD python benchmarks/natural_inversion_ablation.py [--images 100] \
-        [--batch 100] [--iterations 200] [--kd-epochs 10] [--out benchmarks/results]
+    PYTHONPATH=$PWD python benchmarks/natural_inversion_ablation.py [--images 50] \
+        [--batch 50] [--iterations 150] [--kd-epochs 10] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ NAME = "cpu-natural-inversion-ablation"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--di-lr", type=float, default=0.1)
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--reference-per-class", type=int, default=100)
@@ -80,8 +81,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers for KD")
     parser.add_argument("--rows", default="deepinversion,o2o,o2o-ftp,o2o-acs,o2o-ftp-acs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for synthesis")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    # on cores shared with other jobs, 2 threads ran 5-10x slower than 1 (OpenMP teams)
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="ni-bench-"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,10 @@ F = {f_1 … f_N} back into the image: f_n is taken "at the downsampling point",
 last feature map at each spatial resolution. :func:`find_pyramid` finds those points
 from the module graph with one dummy forward pass, so any convolutional teacher works
 (CIFAR ResNets: ``layer1`` … ``layer3``; a torchvision ResNet-18 at 224: the stem's
-``relu`` at 112 and ``layer1`` … ``layer4``).
+``relu`` at 112 and ``layer1`` … ``layer4``). Where a block widens or normalises its
+input before its strided convolution (MobileNetV2's expansion, a pre-activation WRN's
+BN), the level is that map, the strided convolution's input, rather than the previous
+block's output; ``pyramid_layers`` in the method's config picks other modules.
 
 :class:`FeatureTransferPyramid` is Eq. 5, read with the index of the paper's text ("the
 output of the FTP block is summed with f_{N−1}"; Eq. 5 writes f_{N−l}, one level off):

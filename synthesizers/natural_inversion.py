@@ -28,11 +28,11 @@ Our choices where the paper is silent (its appendix with the networks is not in 
 * x̂, m_N and Î live in the teacher's normalised input space, the "channel scale range
   of normalised data" that α is meant to learn; α starts at 1. Stored images are Î
   mapped back to [0, 1] and clipped, as for every method.
-* G follows DAFL's generator (the one the cited line of work uses): a linear map of
-  [z, y] to 128 channels at H/2^k, k upsampling blocks (nearest ×2, 3×3 conv, BN,
-  LeakyReLU 0.2; 2·width channels, the last ``generator_width``), a 3×3 conv to C
-  channels, tanh, and a BN without affine parameters. k = 2 for 32×32 images (start
-  8×8), more for larger ones (224: k = 5, start 7×7). ``latent_dim`` 100.
+* G follows the generator of DAFL (Chen et al. 2019, which the paper compares with): a
+  linear map of [z, y] to 2·``generator_width`` channels at H/2^k, k upsampling blocks
+  (nearest ×2, 3×3 conv, BN, LeakyReLU 0.2; the last one ``generator_width`` wide), a
+  3×3 conv to C channels, tanh, and a BN without affine parameters. k = 2 for 32×32
+  images (start 8×8), more for larger ones (224: k = 5, start 7×7). ``latent_dim`` 100.
 * P's feature maps come from a teacher pass on x̂ itself (not augmented), in the loop's
   precision, with their gradients: G learns through P as well as directly. P has no
   nonlinearity (Eq. 5 has none) and upsamples bilinearly.
