@@ -55,6 +55,7 @@ from pipeline.images import decode, open_image_folder
 from pipeline.manifest import contact_sheet
 from pipeline.runtime import run_job
 from pipeline.teachers import load_teacher
+from synthesizers import SynthesisSpec, build_synthesizer, get_synthesizer
 
 ROWS = {
     "deepinversion": None,
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rows", default="deepinversion,o2o,o2o-ftp,o2o-acs,o2o-ftp-acs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for synthesis")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="0 skips the timing")
+    parser.add_argument("--timing-iterations", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     # on cores shared with other jobs, 2 threads ran 5-10x slower than 1 (OpenMP teams)
@@ -103,18 +106,23 @@ def main() -> None:
         "real_train_floor": {"images": len(floor), **distances(floor, reference)},
         "rows": [],
     }
+    if args.timing_rounds:
+        result["timing"] = side_by_side(args)
+        print(json.dumps(result["timing"]), flush=True)
     if args.kd_epochs:
         import ray
 
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     sheets = []
     for row in args.rows.split(","):
+        load = os.getloadavg()[0]
         start = time.perf_counter()
         manifest = run_job(parse_config(row_config(row, args, work)))
         wall = time.perf_counter() - start
         run = work / "out" / row
         record = measure(row, run, manifest, judge, args.tau, wall)
         record.pop("metadata")
+        record["load_average_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         images, labels, losses, target = stored(run)
         record["teacher_target_probability"] = target
         record.update(distances(features_of(judge, images), reference))
@@ -146,6 +154,41 @@ def row_config(row: str, args: argparse.Namespace, work: Path) -> dict:
         "plan": {"num_images": args.images, "batch_size": args.batch, "shard_size": args.images},
         "filter": {"enabled": False, "max_attempts": 1},
         "runtime": {"executor": "inline", "progress": False},
+    }
+
+
+def side_by_side(args: argparse.Namespace) -> dict:
+    """Seconds per iteration of every row at the benchmark's batch, the rows alternated
+    in one process for ``timing_rounds`` rounds (the median per row, and its ratio to
+    DeepInversion's), so that a change in the machine's load hits every row alike."""
+    teacher = load_teacher(TeacherConfig(arch="resnet56", checkpoint=str(RESNET56)))
+    shape = (3, teacher.config.image_size, teacher.config.image_size)
+    labels = torch.arange(args.batch) % teacher.config.num_classes
+    spec = SynthesisSpec(labels, shape, args.seed, teacher.config.mean, teacher.config.std)
+    rows = args.rows.split(",")
+    seconds: dict[str, list[float]] = {row: [] for row in rows}
+    for round_ in range(args.timing_rounds + 1):  # round 0 warms up and is dropped
+        for row in rows:
+            fields = row_config(row, args, Path("unused"))["synthesizer"]
+            name = fields.pop("name")
+            fields["iterations"] = args.timing_iterations
+            config = get_synthesizer(name).config_class(**fields)
+            synth = build_synthesizer(name, teacher.model, config)
+            start = time.perf_counter()
+            synth.synthesize(spec)
+            if round_:
+                seconds[row].append((time.perf_counter() - start) / args.timing_iterations)
+    median = {row: float(np.median(values)) for row, values in seconds.items()}
+    base = median.get("deepinversion")
+    return {
+        "batch": args.batch,
+        "iterations_per_call": args.timing_iterations,
+        "rounds": args.timing_rounds,
+        "seconds_per_iteration": {row: round(v, 4) for row, v in median.items()},
+        "ratio_to_deepinversion": {row: round(v / base, 3) for row, v in median.items()}
+        if base
+        else None,
+        "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -245,6 +288,19 @@ def table(result: dict) -> str:
     )
     if kd:
         lines += ["", f"Teacher on the KD test images: {result.get('teacher_test_top1')}."]
+    timing = result.get("timing")
+    if timing:
+        lines += [
+            "",
+            f"Side by side, rows alternated in one process ({timing['rounds']} rounds of "
+            f"{timing['iterations_per_call']} iterations at batch {timing['batch']}, median):",
+            "",
+            "| row | s / iteration | × DeepInversion |",
+            "|---|---:|---:|",
+        ]
+        ratios = timing["ratio_to_deepinversion"] or {}
+        for row, value in timing["seconds_per_iteration"].items():
+            lines.append(f"| {row} | {value:.3f} | {ratios.get(row, float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
