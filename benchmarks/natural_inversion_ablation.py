@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=3, help="0 skips the timing")
     parser.add_argument("--timing-iterations", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default=NAME, help="results file name, without suffix")
     args = parser.parse_args()
     # on cores shared with other jobs, 2 threads ran 5-10x slower than 1 (OpenMP teams)
     torch.set_num_threads(args.threads)
@@ -134,7 +135,8 @@ def main() -> None:
         result["rows"].append(record)
         sheets.append(sheet_row(images, labels))
         print(json.dumps(record), flush=True)
-        write(out, result, sheets)  # after every row: a partial table survives an interruption
+        # after every row: a partial table survives an interruption
+        write(out / args.name, result, sheets)
     if args.kd_epochs:
         ray.shutdown()
     print(table(result))
@@ -252,11 +254,11 @@ def sheet_row(images: torch.Tensor, labels: torch.Tensor, per_class: int = 2) ->
     return [images[i].permute(1, 2, 0).numpy() for i in picked]
 
 
-def write(out: Path, result: dict, sheets: list[list[np.ndarray]]) -> None:
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{NAME}.md").write_text(table(result))
+def write(stem: Path, result: dict, sheets: list[list[np.ndarray]]) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table(result))
     columns = max(len(row) for row in sheets)
-    (out / f"{NAME}.png").write_bytes(contact_sheet(sheets, 32, columns, scale_to=64))
+    stem.with_suffix(".png").write_bytes(contact_sheet(sheets, 32, columns, scale_to=64))
 
 
 def table(result: dict) -> str:
