@@ -15,6 +15,7 @@ from synthesizers import (  # noqa: F401  (each module registers its method)
     deepinversion,
     imagine,
     impression,
+    natural_inversion,
 )
 from synthesizers.base import Synthesizer
 from synthesizers.parametrisation import Parametrisation, PixelImages

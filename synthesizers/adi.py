@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,10 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
-class AdaptiveDeepInversionConfig(DeepInversionConfig):
+class CompetitionConfig:
+    """The competition term and its student: ADI's own fields, shared by every method
+    that can add the term (a method's config lists this class before its other bases)."""
+
     competition_weight: float = 10.0  # α_c
     competition_temperature: float = 3.0  # T of the JS term
     distill_steps: int = 5  # student updates after each batch; 0 keeps the student fixed
@@ -61,7 +65,9 @@ class AdaptiveDeepInversionConfig(DeepInversionConfig):
     student_arch: str = ""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the method's other config bases check their own fields
+            parent()
         if self.competition_weight < 0:
             raise ValueError(f"competition_weight must be >= 0, got {self.competition_weight}")
         for name in ("competition_temperature", "distill_temperature", "distill_lr"):
@@ -76,6 +82,11 @@ class AdaptiveDeepInversionConfig(DeepInversionConfig):
             )
         if self.student_width < 1:
             raise ValueError(f"student_width must be at least 1, got {self.student_width}")
+
+
+@dataclass
+class AdaptiveDeepInversionConfig(CompetitionConfig, DeepInversionConfig):
+    """DeepInversion's fields, then the competition's."""
 
 
 def jensen_shannon(
@@ -128,23 +139,31 @@ class SmallStudent(nn.Module):
         return self.classifier(out)
 
 
-@register("adi")
-class AdaptiveDeepInversion(DeepInversion):
-    config_class = AdaptiveDeepInversionConfig
-    config: AdaptiveDeepInversionConfig
+class StudentCompetition:
+    """The competition term and the student it is measured against, for any synthesizer
+    whose config is a :class:`CompetitionConfig`: list this class before the method's
+    other base, and merge :meth:`competition_terms` and :meth:`competition_weights` into
+    the method's own. It builds or checks the student in :meth:`prepare` and distils it
+    in :meth:`after_batch`, whenever :meth:`competing` says so."""
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: AdaptiveDeepInversionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    # what the synthesizer this class is mixed into provides
+    name: str
+    config: CompetitionConfig
+    teacher: nn.Module
+    device: torch.device
+    autocast: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.student: nn.Module | None = None
         self.student_checked = False  # output shape checked against the teacher's
         self.student_optimizer: torch.optim.Optimizer | None = None
         self.normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.distill_loss: float | None = None  # last KD loss of after_batch
+
+    def competing(self) -> bool:
+        """Whether the term, the student and its distillation are on (always, for ADI)."""
+        return True
 
     # ---- the student ----------------------------------------------------------------
     def attach_student(self, student: nn.Module) -> None:
@@ -158,10 +177,14 @@ class AdaptiveDeepInversion(DeepInversion):
         self.student_checked = False
         self.student_optimizer = None
 
-    @torch.no_grad()
     def prepare(self, spec: SynthesisSpec) -> None:
-        """Build the default student on the first request; check an attached one."""
         super().prepare(spec)
+        if self.competing():
+            self.prepare_student(spec)
+
+    @torch.no_grad()
+    def prepare_student(self, spec: SynthesisSpec) -> None:
+        """Build the default student on the first request; check an attached one."""
         self.normalisation = (spec.mean, spec.std)
         if self.student is not None and self.student_checked:
             return
@@ -192,15 +215,17 @@ class AdaptiveDeepInversion(DeepInversion):
             return self.student(inputs)
 
     # ---- the loss ---------------------------------------------------------------------
-    def weights(self, stage: Stage) -> dict[str, float]:
-        return {**super().weights(stage), "competition": self.config.competition_weight}
+    def competition_weights(self) -> dict[str, float]:
+        """The term's weight, to merge into the method's :meth:`weights` (none when off)."""
+        return {"competition": self.config.competition_weight} if self.competing() else {}
 
-    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        terms = super().loss_terms(ctx)
+    def competition_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The term, to merge into the method's :meth:`loss_terms` (none when off)."""
+        if not self.competing():
+            return {}
         student_logits = self.student_forward(ctx.inputs)  # frozen: gradients reach x only
         divergence = jensen_shannon(ctx.logits, student_logits, self.config.competition_temperature)
-        terms["competition"] = 1.0 - divergence
-        return terms
+        return {"competition": 1.0 - divergence}
 
     # ---- distillation between batches ------------------------------------------------
     def optimizer_for_student(self) -> torch.optim.Optimizer:
@@ -218,6 +243,8 @@ class AdaptiveDeepInversion(DeepInversion):
         """Distil the student on the accepted images of ``result`` against the teacher's
         logits on them (``result.logits``): ``distill_steps`` full-batch steps in train
         mode, then frozen again. No accepted image: nothing changes."""
+        if not self.competing():
+            return
         if self.student is None or self.normalisation is None:
             raise RuntimeError("after_batch needs a batch from synthesize() first")
         batch = len(result.labels)
@@ -248,4 +275,18 @@ class AdaptiveDeepInversion(DeepInversion):
             freeze(self.student)
             optimizer.zero_grad(set_to_none=True)
         self.distill_loss = float(loss.detach())
-        log.info("adi student distilled on %d images, kd=%.4g", len(inputs), self.distill_loss)
+        log.info(
+            "%s student distilled on %d images, kd=%.4g", self.name, len(inputs), self.distill_loss
+        )
+
+
+@register("adi")
+class AdaptiveDeepInversion(StudentCompetition, DeepInversion):
+    config_class = AdaptiveDeepInversionConfig
+    config: AdaptiveDeepInversionConfig
+
+    def weights(self, stage: Stage) -> dict[str, float]:
+        return {**super().weights(stage), **self.competition_weights()}
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {**super().loss_terms(ctx), **self.competition_terms(ctx)}
