@@ -36,7 +36,6 @@ import copy
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,23 +44,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESNET20, RESNET56, cpu_name
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.archs import build_architecture  # noqa: E402
-from synthesizers import SynthesisSpec, build_synthesizer  # noqa: E402
-from synthesizers.adi import AdaptiveDeepInversionConfig  # noqa: E402
-from synthesizers.base import freeze  # noqa: E402
-from synthesizers.deepinversion import DeepInversionConfig  # noqa: E402
-from synthesizers.fuse import fuse_batchnorm  # noqa: E402
-from synthesizers.precision import autocast_dtype  # noqa: E402
+from pipeline.archs import build_architecture
+from synthesizers import SynthesisSpec, build_synthesizer
+from synthesizers.adi import AdaptiveDeepInversionConfig
+from synthesizers.base import freeze
+from synthesizers.deepinversion import DeepInversionConfig
+from synthesizers.fuse import fuse_batchnorm
+from synthesizers.precision import autocast_dtype
 
 CHECKPOINTS = {
-    "resnet20": ROOT.parent / "shared/models/cifar10-resnet/resnet20-12fca82f.th",
-    "resnet56": ROOT.parent / "shared/models/cifar10-resnet/resnet56-4bfd9763.th",
+    "resnet20": RESNET20,
+    "resnet56": RESNET56,
 }
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)
@@ -183,17 +179,6 @@ def repeat(
     return times
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def print_results(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(
         f"device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
@@ -237,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     meta: dict[str, Any] = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,

@@ -36,16 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from common import CIFAR, RESNET20, RESNET56
 
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.images import decode
 from pipeline.runtime import run_job
 from pipeline.teachers import load_teacher
-
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-CIFAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
-RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
-RESNET56 = SHARED / "models" / "cifar10-resnet" / "resnet56-4bfd9763.th"
 
 
 def main() -> None:

@@ -35,9 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from class_conditional_quality import CIFAR, RESNET20, RESNET56
+from common import CIFAR, RESNET20, RESNET56, cpu_name
 
 from pipeline.config import TeacherConfig
 from pipeline.images import open_image_folder
@@ -203,7 +201,7 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     result = {
         "benchmark": "imagine_ablation",
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "processor": cpu_model(),
+        "processor": cpu_name(),
         "torch": torch.__version__,
         "data": "CIFAR-10 (JPEG) test images as targets",
         "teacher": "resnet56 (shared CIFAR-10 checkpoint)",
@@ -214,17 +212,6 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     }
     (out / "cpu-imagine-ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cpu-imagine-ablation.md").write_text(table(result))
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import CIFAR, RESNET56, cpu_name
 
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
@@ -36,13 +36,11 @@ from pipeline.shards import Sample, write_shard, write_sidecar
 from pipeline.teachers import load_teacher
 from pipeline.train import normaliser
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 TEACHER = {
     "arch": "resnet56",
-    "checkpoint": str(SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"),
+    "checkpoint": str(RESNET56),
 }
-DATA = str(SHARED / "data/cifar10-jpeg.tar.gz/cifar10-jpeg")
+DATA = str(CIFAR / "cifar10-jpeg")
 
 
 def write_source(root: Path, images: torch.Tensor, labels: torch.Tensor, teacher) -> str:
@@ -117,16 +115,6 @@ def distil(root: Path, name: str, shards: str, args: argparse.Namespace) -> dict
         "teacher": results["teacher_accuracy"],
         "seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:

@@ -46,8 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from class_conditional_quality import CIFAR, RESNET20, RESNET56, measure
-from kd_protocol import cpu_name, distil
+from class_conditional_quality import measure
+from common import CIFAR, RESNET20, RESNET56, cpu_name
+from kd_protocol import distil
 
 from evaluation.fidelity import frechet_distance, logits_and_features, precision_recall
 from pipeline.config import TeacherConfig, parse_config

@@ -46,26 +46,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import torch
+from common import SHARED
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# isort: split
+import seaweed
 
-import seaweed  # noqa: E402
-import torch  # noqa: E402
+from pipeline.config import parse_config
+from pipeline.plan import make_plan
+from pipeline.runtime import run_job
+from pipeline.shards import read_sidecar
+from pipeline.storage import join
+from pipeline.worker import ShardWorker
 
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.plan import make_plan  # noqa: E402
-from pipeline.runtime import run_job  # noqa: E402
-from pipeline.shards import read_sidecar  # noqa: E402
-from pipeline.storage import join  # noqa: E402
-from pipeline.worker import ShardWorker  # noqa: E402
-
-CHECKPOINTS = ROOT.parent / "shared/models/cifar10-resnet"
+CHECKPOINTS = SHARED / "models" / "cifar10-resnet"
 PRODUCTION_ITERATIONS = 2000
 
 

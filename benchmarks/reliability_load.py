@@ -44,18 +44,12 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import torch
+import yaml
+from common import ROOT
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import seaweed  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+# isort: split
+import seaweed
 
 FAULT_TESTS = [
     "tests/test_faults.py",

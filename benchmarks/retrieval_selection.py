@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import random
-import sys
 import tarfile
 import tempfile
 import time
@@ -49,21 +48,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import CIFAR, RESNET56
 from PIL import Image, ImageFilter
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from pipeline.config import parse_config
+from pipeline.pool import list_pool
+from pipeline.retrieval import labeled_images, run_retrieval, split_quota, target_codes
+from pipeline.retrieval_worker import PoolWorker
+from synthesizers.impression import distance, encode, flatten
 
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.pool import list_pool  # noqa: E402
-from pipeline.retrieval import labeled_images, run_retrieval, split_quota, target_codes  # noqa: E402
-from pipeline.retrieval_worker import PoolWorker  # noqa: E402
-from synthesizers.impression import distance, encode, flatten  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
-CIFAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
-RESNET56 = SHARED / "models" / "cifar10-resnet" / "resnet56-4bfd9763.th"
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 

@@ -36,11 +36,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import ROOT, cpu_name
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from ray_head import ray_head  # noqa: E402  (tests/ray_head.py: the tests' local head)
+# isort: split
+from ray_head import ray_head
 
 CONFIG = {
     "run": {"name": "bench", "seed": 0},
@@ -61,13 +60,6 @@ def timed(command: list[str], env: dict[str, str]) -> float:
             f"{command[3]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         )
     return seconds
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def metric_samples(url: str) -> dict[str, float]:

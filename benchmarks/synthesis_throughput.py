@@ -45,7 +45,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -55,20 +54,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import RESNET20, RESNET56, cpu_name
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.archs import build_architecture  # noqa: E402
-from synthesizers.base import StepContext, SynthesisSpec  # noqa: E402
-from synthesizers.deepinversion import DeepInversion, DeepInversionConfig  # noqa: E402
-from synthesizers.spec import PLAIN_PATH as PLAIN  # noqa: E402
+from pipeline.archs import build_architecture
+from synthesizers.base import StepContext, SynthesisSpec
+from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
+from synthesizers.spec import PLAIN_PATH as PLAIN
 
 CHECKPOINTS = {
-    "resnet20": ROOT.parent / "shared/models/cifar10-resnet/resnet20-12fca82f.th",
-    "resnet56": ROOT.parent / "shared/models/cifar10-resnet/resnet56-4bfd9763.th",
+    "resnet20": RESNET20,
+    "resnet56": RESNET56,
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)
@@ -381,17 +377,6 @@ def cpu_hz() -> float:
     return float("nan")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(
         f"DeepInversion throughput, device {meta['device']} ({meta['device_name']}), "
@@ -466,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     meta = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,

@@ -1,0 +1,36 @@
+"""What every benchmark shares: the repository (and ``tests/``, for the S3 server) on
+``sys.path``, Ray's environment defaults, the shared data and checkpoints, and the CPU's
+name for the results. A benchmark imports this module before anything of the project's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray on loopback
+
+SHARED = ROOT.parent / "shared"
+CIFAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
+RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
+RESNET56 = SHARED / "models" / "cifar10-resnet" / "resnet56-4bfd9763.th"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
