@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from synthesizers.affine import affine_batchnorm
-from synthesizers.hooks import capture_statistics
+from synthesizers.hooks import batchnorm_layers, capture_statistics
 from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.precision import autocast_dtype, compile_enabled, grad_scaler
@@ -112,6 +112,12 @@ class Synthesizer:
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.teacher = freeze(teacher).to(self.device)
+        if self.needs_batchnorm and not batchnorm_layers(self.teacher):
+            raise ValueError(
+                f"{self.name or type(self).__name__} matches batch-norm statistics and needs "
+                "a teacher with batch-norm layers; for a BN-fused network use the "
+                "class-conditional synthesizer"
+            )
         if config.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
         self.dtype = autocast_dtype(config.precision, self.device)

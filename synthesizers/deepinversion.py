@@ -56,12 +56,7 @@ class DeepInversion(Synthesizer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(teacher, config, device)
-        self.bn_layers = batchnorm_layers(self.teacher)
-        if not self.bn_layers:
-            raise ValueError(
-                "DeepInversion needs a teacher with batch-norm layers; for a BN-fused "
-                "network use the class-conditional synthesizer"
-            )
+        self.bn_layers = batchnorm_layers(self.teacher)  # the base checked there are some
 
     def feature_layers(self) -> list[tuple[str, nn.Module]]:
         return self.bn_layers

@@ -201,12 +201,7 @@ class NaturalInversion(StudentCompetition, Synthesizer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(teacher, config, device)
-        self.bn_layers = batchnorm_layers(self.teacher)
-        if not self.bn_layers:
-            raise ValueError(
-                "NaturalInversion matches batch-norm statistics and needs a teacher with "
-                "batch-norm layers; for a BN-fused network use the class-conditional synthesizer"
-            )
+        self.bn_layers = batchnorm_layers(self.teacher)  # the base checked there are some
         # per image shape: the pyramid levels and the teacher's number of classes
         self.geometry: dict[tuple[int, ...], tuple[list[PyramidLevel], int]] = {}
         # one_to_one off: the G and P every batch of an image shape trains on

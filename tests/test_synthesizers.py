@@ -124,10 +124,19 @@ def test_optimisation_lowers_the_loss() -> None:
     assert long.synthesize(spec()).losses["total"] < short.synthesize(spec()).losses["total"]
 
 
-def test_deepinversion_refuses_a_teacher_without_batch_norm() -> None:
+@pytest.mark.parametrize(
+    "name", sorted(name for name, cls in SYNTHESIZERS.items() if cls.needs_batchnorm)
+)
+def test_methods_reading_batch_norm_refuse_a_teacher_without_it(name: str) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(ValueError, match="batch-norm"):
-        build_synthesizer("deepinversion", model)
+    with pytest.raises(ValueError, match=f"{name} matches batch-norm .*class-conditional"):
+        build_synthesizer(name, model)
+
+
+def test_methods_that_need_no_batch_norm_are_the_ones_that_say_so() -> None:
+    needing = {name for name, cls in SYNTHESIZERS.items() if cls.needs_batchnorm}
+    assert {"deepinversion", "adi", "natural-inversion"} <= needing
+    assert "class-conditional" not in needing
 
 
 def test_config_rejects_bad_values_and_wrong_config_type() -> None:
