@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="cpu-imagine-ablation", help="results file stem")
     args = parser.parse_args()
     args.load_average_before = list(os.getloadavg())
     args.command = " ".join(["python", *sys.argv])
@@ -108,7 +109,7 @@ def main() -> None:
         rows[-1]["stages"] = [[s.name, s.iterations] for s in synthesizer.stages()]
         sheets[name] = sheet_rows(targets, result.images, args.variations)
         slug = name.strip("+").replace(" ", "-")
-        (out / f"cpu-imagine-ablation-{slug}.png").write_bytes(
+        (out / f"{args.name}-{slug}.png").write_bytes(
             contact_sheet(sheets[name], 32, 1 + args.variations)
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -117,10 +118,10 @@ def main() -> None:
         sum((sheets[n][t][1:] for n in sheets), sheets[next(iter(sheets))][t][:1])
         for t in range(len(targets))
     ]
-    (out / "cpu-imagine-ablation.png").write_bytes(
+    (out / f"{args.name}.png").write_bytes(
         contact_sheet(combined, 32, 1 + args.variations * len(sheets))
     )
-    print(table(json.loads((out / "cpu-imagine-ablation.json").read_text())))
+    print(table(json.loads((out / f"{args.name}.json").read_text())))
 
 
 def load_targets(count: int) -> torch.Tensor:
@@ -210,8 +211,8 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
         "load_average_now": list(os.getloadavg()),
         "rows": rows,
     }
-    (out / "cpu-imagine-ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "cpu-imagine-ablation.md").write_text(table(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(table(result))
 
 
 def table(result: dict) -> str:
