@@ -291,6 +291,26 @@ def test_the_embedded_ray_listens_on_loopback_only() -> None:
     assert exposed == [], f"listening beyond loopback: {exposed}"
 
 
+def test_the_test_s3_server_listens_on_loopback_only() -> None:
+    """The SeaweedFS the tests and benchmarks start is no more exposed than the run."""
+    from seaweed import seaweed
+
+    with seaweed() as server:
+        sockets = listening_sockets()
+        bound = [
+            (name, *sockets[inode])
+            for pid, name in process_tree(server.process.pid).items()
+            for inode in socket_inodes(pid)
+            if inode in sockets
+        ]
+    ports = {port for _, _, port in bound}
+    assert server.ports["s3"] in ports, bound  # the S3 endpoint itself was seen
+    exposed = [
+        (name, str(address), port) for name, address, port in bound if not is_loopback(address)
+    ]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
 # --- tar members ----------------------------------------------------------------------------
 
 
