@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.storage import absolute
 from synthesizers import SynthesizerConfig, get_synthesizer, synthesizer_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -361,6 +362,42 @@ def check_method(config: Config) -> None:
             f"metadata.scenario=seeds guides a method that matches statistics "
             f"(class-conditional); {config.synthesizer.name!r} does not"
         )
+
+
+def absolute_paths(config: Config) -> Config:
+    """Every local path the config names made absolute (Ray workers run in other folders):
+    the output, the teacher's and verifier's checkpoints, the metadata source or artifact,
+    the retrieval and translation sets, and the image files the method's config names."""
+
+    def local(url: str | None) -> str | None:
+        return url if url is None else absolute(url)
+
+    params = config.synthesizer.params
+    images = {
+        name: local(getattr(params, name))
+        for name in get_synthesizer(config.synthesizer.name).image_fields
+        if getattr(params, name, None)
+    }
+    verifier = config.filter.verifier
+    if verifier is not None:
+        verifier = dataclasses.replace(verifier, checkpoint=local(verifier.checkpoint))
+    m, r, t = config.metadata, config.retrieval, config.translation
+    return dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, output=local(config.run.output)),
+        teacher=dataclasses.replace(config.teacher, checkpoint=local(config.teacher.checkpoint)),
+        synthesizer=dataclasses.replace(
+            config.synthesizer, params=dataclasses.replace(params, **images)
+        ),
+        filter=dataclasses.replace(config.filter, verifier=verifier),
+        metadata=dataclasses.replace(m, source=local(m.source), artifact=local(m.artifact)),
+        retrieval=r
+        if r is None
+        else dataclasses.replace(r, pool=local(r.pool), labeled=local(r.labeled)),
+        translation=t
+        if t is None
+        else dataclasses.replace(t, source=local(t.source), target=local(t.target)),
+    )
 
 
 def check_inversion(config: Config) -> None:

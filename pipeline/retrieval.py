@@ -28,14 +28,14 @@ from typing import Any
 import torch
 
 import pipeline
-from pipeline.config import Config
+from pipeline.config import Config, absolute_paths
 from pipeline.errors import InputError
 from pipeline.images import open_image_folder
 from pipeline.manifest import resolved_config, shard_entries
 from pipeline.pool import PoolTask, known_size, list_pool
 from pipeline.retrieval_worker import TopK, WriteJob, execute
 from pipeline.shards import completed_shards
-from pipeline.storage import absolute, check_writable, exists, join, read_json, redact, write_json
+from pipeline.storage import check_writable, exists, join, read_json, redact, write_json
 from pipeline.teachers import load_teacher
 from synthesizers.impression import class_codes, encode, ensemble, flatten, template_layers
 from synthesizers.precision import autocast_dtype
@@ -83,16 +83,6 @@ def run_retrieval(config: Config) -> dict[str, Any]:
     done = completed_shards(run_url, options)
     execute(config, run_url, targets, "write", [(job, done) for job in jobs])
     return finalise(run_url, config, teacher.digest, jobs, scores, selected, len(images))
-
-
-def absolute_paths(config: Config) -> Config:
-    r = config.retrieval
-    return replace(
-        config,
-        run=replace(config.run, output=absolute(config.run.output)),
-        teacher=replace(config.teacher, checkpoint=absolute(config.teacher.checkpoint)),
-        retrieval=replace(r, pool=absolute(r.pool), labeled=absolute(r.labeled)),
-    )
 
 
 def pool_options(config: Config) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from pipeline.config import Config, check_inversion
+from pipeline.config import Config, absolute_paths, check_inversion
 from pipeline.errors import InputError
 from pipeline.guidance import guidance_images
 from pipeline.manifest import finalise_run, record_run
@@ -29,7 +29,6 @@ from pipeline.plan import ShardTask, make_plan
 from pipeline.shards import completed_shards, remove_partials
 from pipeline.storage import (
     StorageUnavailable,
-    absolute,
     check_writable,
     endpoint_of,
     join,
@@ -61,11 +60,7 @@ def run_job(config: Config) -> dict[str, Any]:
 
         return run_translation(config)
     check_inversion(config)
-    config = replace(
-        config,
-        run=replace(config.run, output=absolute(config.run.output)),
-        teacher=replace(config.teacher, checkpoint=absolute(config.teacher.checkpoint)),
-    )
+    config = absolute_paths(config)
     options = config.run.storage_options
     check_writable(config.run.output, options)
     teacher = load_teacher(config.teacher, options)

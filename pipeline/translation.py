@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 import pipeline
-from pipeline.config import Config
+from pipeline.config import Config, absolute_paths
 from pipeline.errors import InputError
 from pipeline.manifest import resolved_config
 from pipeline.plan import derive_seed
 from pipeline.pool import decode_or_none, list_pool, stream
 from pipeline.shards import Sample, completed_shards, shard_url, write_shard, write_sidecar
-from pipeline.storage import absolute, check_writable, join, write_json
+from pipeline.storage import check_writable, join, write_json
 from pipeline.teachers import load_teacher
 from synthesizers import SynthesisSpec, build_synthesizer
 from synthesizers.impression import Codes, ImpressionSynthesizer, encode, ensemble
@@ -62,12 +61,7 @@ def run_translation(config: Config) -> dict[str, Any]:
         raise InputError("translation: the section is not configured")
     if config.synthesizer.name != "impression":
         raise InputError("translation needs synthesizer.name: impression")
-    config = replace(
-        config,
-        run=replace(config.run, output=absolute(config.run.output)),
-        teacher=replace(config.teacher, checkpoint=absolute(config.teacher.checkpoint)),
-        translation=replace(t, source=absolute(t.source), target=absolute(t.target)),
-    )
+    config = absolute_paths(config)
     t, options, spec = config.translation, config.run.storage_options, config.teacher
     check_writable(config.run.output, options)
     teacher = load_teacher(spec, options)

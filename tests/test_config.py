@@ -83,3 +83,30 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     config = load_config(path)
     assert config.synthesizer.name in synthesizer_names()
     assert config.plan.num_images >= config.plan.batch_size
+
+
+def test_absolute_paths_covers_every_local_path_a_run_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests_support import config_dict
+
+    from pipeline.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    data = config_dict(
+        "out",
+        "teacher.pt",
+        synthesizer={"name": "imagine", "iterations": 2, "shape_image": "shape.png"},
+        filter={"verifier": {"arch": "resnet20", "checkpoint": "verifier.pt"}},
+        metadata={"source": "targets", "scenario": "seeds"},
+        retrieval={"pool": "pool", "labeled": "s3://bucket/labeled", "num_select": 4},
+    )
+    config = absolute_paths(parse_config(data))
+    assert config.run.output == str(tmp_path / "out")
+    assert config.teacher.checkpoint == str(tmp_path / "teacher.pt")
+    assert config.filter.verifier.checkpoint == str(tmp_path / "verifier.pt")
+    assert config.metadata.source == str(tmp_path / "targets")
+    assert config.synthesizer.params.shape_image == str(tmp_path / "shape.png")
+    assert config.synthesizer.params.style_image is None  # unset fields stay unset
+    assert config.retrieval.pool == str(tmp_path / "pool")
+    assert config.retrieval.labeled == "s3://bucket/labeled"  # URLs are left as they are
