@@ -214,10 +214,7 @@ def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
     }
     opts["skip_instance_cache"] = True
     bucket = url.removeprefix("s3://").split("/", 1)[0]
-    endpoint = opts.get("client_kwargs", {}).get("endpoint_url") or os.environ.get(
-        "AWS_ENDPOINT_URL", "the default AWS endpoint"
-    )
-    endpoint = redact_url(endpoint)
+    endpoint = endpoint_of(url, options)
     try:
         fs = fsspec.filesystem("s3", **opts)
         fs.ls(bucket, refresh=True)
@@ -294,14 +291,15 @@ def is_transient(error: BaseException) -> bool:
 
 
 def endpoint_of(url: str, options: dict[str, Any] | None = None) -> str:
-    """Where ``url`` lives, for messages: the S3 endpoint (never a credential), else the URL's
-    scheme."""
+    """Where ``url`` lives, for messages: the S3 endpoint (a password in it redacted), else
+    the URL's scheme."""
     if protocol_of(url) != "s3":
         return f"{protocol_of(url)} storage"
     opts = normalise_options(url, options)
-    return opts.get("client_kwargs", {}).get("endpoint_url") or os.environ.get(
+    endpoint = opts.get("client_kwargs", {}).get("endpoint_url") or os.environ.get(
         "AWS_ENDPOINT_URL", "the default AWS endpoint"
     )
+    return redact_url(endpoint)
 
 
 def with_retries(
