@@ -122,8 +122,15 @@ class Synthesizer:
             self.teacher.to(memory_format=torch.channels_last)
         self.dtype = autocast_dtype(config.precision, self.device)
         self._compiled: Callable[..., Any] | None = None  # see _step_function
+        self.setup()
 
     # ---- what a method fills in -------------------------------------------------
+    def setup(self) -> None:
+        """A method's own construction, run once at the end of ``__init__`` (the teacher is
+        frozen and on its device, ``self.config`` checked): find its layers, set its state.
+        Methods override this instead of the constructor, calling ``super().setup()`` so
+        that mixins (:class:`synthesizers.adi.StudentCompetition`) set theirs too."""
+
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Unweighted loss terms of one iteration, by name."""
         raise NotImplementedError

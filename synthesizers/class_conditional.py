@@ -79,13 +79,8 @@ class ClassConditional(Synthesizer):
     config: ClassConditionalConfig
     uses_metadata = True
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: ClassConditionalConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         self.layers, self.feature_side = self.statistics_layers(self.teacher, self.config)
 
     @staticmethod

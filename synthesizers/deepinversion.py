@@ -49,13 +49,8 @@ class DeepInversion(Synthesizer):
     config: DeepInversionConfig
     needs_batchnorm = True
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: DeepInversionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         self.bn_layers = batchnorm_layers(self.teacher)  # the base checked there are some
 
     def feature_layers(self) -> list[tuple[str, nn.Module]]:

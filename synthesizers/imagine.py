@@ -68,7 +68,7 @@ from synthesizers.imagine_support import (
 )
 from synthesizers.impression import random_crop
 from synthesizers.losses import cross_entropy, l2_prior, total_variation
-from synthesizers.parametrisation import Parametrisation, PixelImages
+from synthesizers.parametrisation import Parametrisation, PixelImages, normalise
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
 
@@ -151,13 +151,8 @@ class Imagine(Synthesizer):
     uses_target_images = True  # ... and their images, as guidance["target_images"]
     image_fields: ClassVar[tuple[str, ...]] = ("shape_image", "style_image")
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: ImagineConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         c = self.config
         self.defaults = default_layers(self.teacher)
         self.phi = self._layers("layers", c.layers or self.defaults)
@@ -212,7 +207,7 @@ class Imagine(Synthesizer):
         g, shape, batch = spec.guidance, spec.image_shape, len(spec.labels)
         if "target_images" not in g:
             raise ValueError("imagine needs guidance['target_images'] (B, C, H, W) in [0, 1]")
-        self.normalise = _normaliser(spec, self.device)
+        self.norm = (spec.mean, spec.std)  # the teacher's normalisation, for normalise()
         targets = as_images(g["target_images"], "target_images", shape, batch).to(self.device)
         if len(targets) != batch:
             targets = targets.expand(batch, -1, -1, -1)
@@ -250,7 +245,7 @@ class Imagine(Synthesizer):
         if "query_images" in g:  # counterfactual (Eq. 13): masks are 1 inside the regions
             if "shape_image" in g or "style_image" in g:
                 raise ValueError("a counterfactual takes no shape_image or style_image")
-            self.query = self.normalise(as_images(g["query_images"], "query_images", shape, batch))
+            self.query = self._normalise(as_images(g["query_images"], "query_images", shape, batch))
             self.inside = region_mask(
                 g.get("query_regions"), "query_regions", shape, batch, self.device
             )
@@ -258,7 +253,7 @@ class Imagine(Synthesizer):
             region = region_mask(
                 g.get("target_regions"), "target_regions", shape, batch, self.device
             )
-            masked = self.normalise(targets) * region
+            masked = self._normalise(targets) * region
             self.references = [Reference("target", masked, self.phi, rows)]
             self.real = targets
             self.mode["counterfactual"] = True
@@ -266,23 +261,25 @@ class Imagine(Synthesizer):
             shape_image = as_images(g["shape_image"], "shape_image", shape, 1).to(self.device)
             rest = [n for n in self.phi if n not in self.shape_layers]
             self.references = [
-                Reference("shape", self.normalise(shape_image), self.shape_layers, single)
+                Reference("shape", self._normalise(shape_image), self.shape_layers, single)
             ]
             if rest:
-                self.references.append(Reference("target", self.normalise(targets), rest, rows))
+                self.references.append(Reference("target", self._normalise(targets), rest, rows))
             self.real = targets
             self.mode.update(
                 shape_image=self.config.shape_image or True, shape_layers=self.shape_layers
             )
         elif "style_image" in g:
             style = as_images(g["style_image"], "style_image", shape, 1).to(self.device)
-            self.references = [Reference("style", self.normalise(style), self.style_layers, single)]
+            self.references = [
+                Reference("style", self._normalise(style), self.style_layers, single)
+            ]
             self.real = style.expand(batch, -1, -1, -1)
             self.mode.update(
                 style_image=self.config.style_image or True, style_layers=self.style_layers
             )
         else:
-            self.references = [Reference("target", self.normalise(targets), self.phi, rows)]
+            self.references = [Reference("target", self._normalise(targets), self.phi, rows)]
             self.real = targets
 
     def _discriminator(self, spec: SynthesisSpec) -> PatchDiscriminator:
@@ -361,6 +358,10 @@ class Imagine(Synthesizer):
         finally:
             handle.remove()
 
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] guidance images -> the teacher's input, on the synthesizer's device."""
+        return normalise(images.to(self.device), *self.norm)
+
     def _keep_activations(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         self.activations = output
 
@@ -401,7 +402,7 @@ class Imagine(Synthesizer):
         """One WGAN-GP step of the discriminator (stage 2 only)."""
         if ctx.stage.name != "adversarial" or self.discriminator is None:
             return
-        real = self.normalise(self.step_real)
+        real = self._normalise(self.step_real)
         fake = ctx.images.detach().float()
         epsilon = torch.rand(len(fake), device=fake.device)
         self.discriminator.requires_grad_(True)
@@ -411,9 +412,3 @@ class Imagine(Synthesizer):
         self.critic_optimizer.step()
         self.discriminator.requires_grad_(False)  # x̂'s step must not train D
         self.critic_loss = float(loss.detach())
-
-
-def _normaliser(spec: SynthesisSpec, device: torch.device):
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    return lambda images: (images.to(device) - mean) / std

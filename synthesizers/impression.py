@@ -34,6 +34,7 @@ from torch import nn
 
 from synthesizers.base import Synthesizer
 from synthesizers.hooks import LayerStatistics, capture_statistics, conv_layers, named_layers
+from synthesizers.parametrisation import normalise
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
 
@@ -210,13 +211,8 @@ class ImpressionSynthesizer(Synthesizer):
     feature_side = "output"
     uses_metadata = True  # the metadata stage's per-class statistics are class codes (Eq. 6)
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: ImpressionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         try:
             self.layers = template_layers(self.teacher, self.config.layers)
         except KeyError as error:
@@ -255,9 +251,7 @@ class ImpressionSynthesizer(Synthesizer):
             raise ValueError("content_weight needs guidance['init_images'] (translation)")
         self.sources = None
         if init is not None:  # the content term compares in the optimised, normalised space
-            mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-            std = torch.tensor(spec.std).view(1, -1, 1, 1)
-            self.sources = ((init.float() - mean) / std).to(self.device)
+            self.sources = normalise(init.float(), spec.mean, spec.std).to(self.device)
 
     def augment(self, images: torch.Tensor, rng: Random) -> torch.Tensor:
         if self.config.crop_min_side < 1.0:

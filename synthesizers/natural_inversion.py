@@ -194,13 +194,8 @@ class NaturalInversion(StudentCompetition, Synthesizer):
     config: NaturalInversionConfig
     needs_batchnorm = True
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: NaturalInversionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         self.bn_layers = batchnorm_layers(self.teacher)  # the base checked there are some
         # per image shape: the pyramid levels and the teacher's number of classes
         self.geometry: dict[tuple[int, ...], tuple[list[PyramidLevel], int]] = {}

@@ -6,8 +6,22 @@ returning another :class:`Parametrisation` from ``Synthesizer.parametrise``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+def normalise(
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """[0, 1] images (N, C, H, W) -> the teacher's normalised input ``(x - mean) / std``,
+    on the images' device. The one normaliser of every synthesizer."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
 
 
 class Parametrisation(nn.Module):
@@ -27,7 +41,7 @@ class Parametrisation(nn.Module):
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the teacher's normalised input."""
-        return (images - self.mean) / self.std
+        return normalise(images, self.mean, self.std)
 
 
 class PixelImages(Parametrisation):

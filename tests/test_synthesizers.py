@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from synthesizers.hooks import (
     named_layers,
 )
 from synthesizers.losses import channel_statistics, total_variation
-from synthesizers.parametrisation import PixelImages
+from synthesizers.parametrisation import PixelImages, normalise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -285,3 +286,45 @@ def test_the_base_admits_generators_stages_auxiliary_networks_and_guidance() -> 
     ]
     assert all(moved)  # the generator, not pixels, was optimised
     assert result.images.shape == (8, 3, 16, 16)
+
+
+def test_no_method_defines_a_constructor_and_setup_runs_once_per_build() -> None:
+    """The base owns construction; a method (and the ADI mixin) fills in setup()."""
+    import inspect
+
+    for cls in SYNTHESIZERS.values():
+        for klass in cls.__mro__:
+            if klass is not Synthesizer and klass.__module__.startswith("synthesizers."):
+                assert "__init__" not in vars(klass), f"{klass.__name__} defines __init__"
+    assert inspect.signature(Synthesizer.__init__).parameters.keys() == {
+        "self",
+        "teacher",
+        "config",
+        "device",
+    }
+
+    calls: list[str] = []
+
+    class Counting(get_synthesizer("adi")):  # a mixin and a method under it
+        def setup(self) -> None:
+            super().setup()
+            calls.append("setup")
+
+    synth = Counting(tiny_teacher(), get_synthesizer("adi").config_class(iterations=1))
+    assert calls == ["setup"]
+    assert synth.bn_layers and synth.student is None  # DeepInversion's and the mixin's
+
+
+def test_one_normaliser_for_every_synthesizer() -> None:
+    import synthesizers
+
+    images = torch.rand(2, 3, 4, 4)
+    expected = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalise(images, MEAN, STD), expected)
+    assert torch.allclose(PixelImages(2, (3, 4, 4), MEAN, STD).normalise(images), expected)
+    package = Path(synthesizers.__file__).parent
+    for path in package.glob("*.py"):
+        text = path.read_text()
+        assert "_normaliser" not in text, path.name
+        if path.name != "parametrisation.py":  # where the one normaliser lives
+            assert "view(1, -1, 1, 1)" not in text, path.name
