@@ -29,7 +29,12 @@ from synthesizers.hooks import (
     conv_layers,
     named_layers,
 )
-from synthesizers.losses import channel_statistics, total_variation
+from synthesizers.losses import (
+    channel_statistics,
+    fused_sample_moments,
+    sample_moments,
+    total_variation,
+)
 from synthesizers.parametrisation import PixelImages, normalise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -328,3 +333,44 @@ def test_one_normaliser_for_every_synthesizer() -> None:
         assert "_normaliser" not in text, path.name
         if path.name != "parametrisation.py":  # where the one normaliser lives
             assert "view(1, -1, 1, 1)" not in text, path.name
+
+
+@pytest.mark.parametrize("moments", [sample_moments, fused_sample_moments])
+def test_statistics_keep_a_small_variance_under_a_large_mean(moments) -> None:
+    """Features of mean 1,000 and standard deviation 0.1: E[x²] − E[x]² in float32 keeps
+    nothing of the variance (E[x²] ≈ 1e6 has a resolution of about 0.06); the centred
+    moments combined with the parallel formula keep it to float32 rounding."""
+    torch.manual_seed(0)
+    reference = 1000.0 + 0.1 * torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    reference += torch.arange(6, dtype=torch.float64).view(6, 1, 1, 1) * 0.05  # means differ
+    labels = torch.tensor([0, 1, 0, 1, 1, 2])
+    layer = nn.Identity()
+    with capture_statistics([("id", layer)], "output", moments) as (record,):
+        layer(reference.float())
+        batch_var = reference.var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(record.var.double(), batch_var, rtol=1e-3, atol=0)
+        _, sample_var = record.per_sample()
+        expected = reference.var(dim=(2, 3), unbiased=False)
+        torch.testing.assert_close(sample_var.double(), expected, rtol=1e-3, atol=0)
+        _, class_var, _ = record.per_class(labels, 3)
+        for k in range(3):
+            expected = reference[labels == k].var(dim=(0, 2, 3), unbiased=False)
+            torch.testing.assert_close(class_var[k].double(), expected, rtol=1e-3, atol=0)
+
+
+def test_only_2d_batch_norm_is_hooked() -> None:
+    """A BatchNorm1d head (on pooled vectors) is neither matched nor breaks the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.BatchNorm1d(8),
+        nn.Linear(8, 4),
+    ).eval()
+    assert [name for name, _ in batchnorm_layers(model)] == ["1"]
+    synth = build_synthesizer("deepinversion", model, DeepInversionConfig(iterations=2))
+    assert len(synth.feature_layers()) == 1
+    assert math.isfinite(synth.synthesize(spec()).losses["bn"])
