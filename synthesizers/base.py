@@ -6,9 +6,10 @@ thing optimised (:meth:`Synthesizer.parametrise`: pixels by default, a generator
 NaturalInversion), the stages (IMAGINE runs two), the layers whose statistics it reads,
 and an auxiliary network trained alternately (:meth:`Synthesizer.after_step`).
 The base owns seeding, mixed precision, channels_last, augmentation, the hooks, the
-optimiser and its cosine schedule, the sum of the weighted terms and their logging, and
-the speed switches of :class:`SynthesizerConfig` (fused moments and Adam, affine batch
-norm, ``torch.compile`` of :meth:`Synthesizer.forward_loss`) and early stopping.
+optimiser and its schedule (cosine or constant, an optional warm-up), the sum of the
+weighted terms and their logging, the speed switches of :class:`SynthesizerConfig` (fused
+moments and Adam, affine batch norm, ``torch.compile`` of
+:meth:`Synthesizer.forward_loss`) and early stopping.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +38,7 @@ from synthesizers.spec import (
     SynthesisResult,
     SynthesisSpec,
     SynthesizerConfig,
+    lr_factor,
 )
 
 log = logging.getLogger("dreamshard.synthesizers")
@@ -150,7 +153,8 @@ class Synthesizer:
 
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")
-        return PixelImages(len(spec.labels), spec.image_shape, spec.mean, spec.std, init)
+        shape, clip = spec.image_shape, self.config.clip
+        return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip)
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:
         parameters = [p for p in parametrisation.parameters() if p.requires_grad]
@@ -276,7 +280,7 @@ class Synthesizer:
                 weights = self.weights(stage)
                 optimizer = self.optimizer(parametrisation, stage)
                 schedule = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lambda i, n=stage.iterations: 0.5 * (1 + math.cos(math.pi * i / n))
+                    optimizer, partial(lr_factor, **self._schedule(stage))
                 )
                 checking = (
                     self.config.early_stop
@@ -323,6 +327,10 @@ class Synthesizer:
                         run.stopped_early = True
                         break
         return run
+
+    def _schedule(self, stage: Stage) -> dict[str, Any]:
+        c = self.config
+        return {"iterations": stage.iterations, "schedule": c.lr_schedule, "warmup": c.warmup}
 
     def _check(
         self,

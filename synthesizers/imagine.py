@@ -316,6 +316,7 @@ class Imagine(Synthesizer):
             spec.mean,
             spec.std,
             None if init is None else init.cpu(),
+            self.config.clip,
         )
 
     def describe(self) -> dict[str, Any]:

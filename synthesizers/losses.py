@@ -25,8 +25,22 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dx.norm() + dy.norm() + d1.norm() + d2.norm()
 
 
-def l2_prior(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm of the images ``x`` (B, C, H, W)."""
+def total_variation_l1(x: torch.Tensor) -> torch.Tensor:
+    """L1 total variation of images ``x`` (B, C, H, W), as DeepInversion's ImageNet script
+    defines it: the mean absolute difference of the same four neighbour pairs, summed."""
+    dx = x[:, :, :, :-1] - x[:, :, :, 1:]
+    dy = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d1 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d2 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return dx.abs().mean() + dy.abs().mean() + d1.abs().mean() + d2.abs().mean()
+
+
+def l2_prior(x: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """Euclidean norm of the images ``x`` (B, C, H, W): of the whole batch as one vector
+    (DeepInversion's CIFAR script), or with ``per_image`` each image's, averaged over the
+    batch (its ImageNet script)."""
+    if per_image:
+        return x.flatten(1).norm(dim=1).mean()
     return x.norm()
 
 

@@ -46,7 +46,8 @@ class Parametrisation(nn.Module):
 
 class PixelImages(Parametrisation):
     """Pixels optimised directly, in the teacher's normalised space, started from
-    N(0, 1) noise and clipped to the valid range after each step (as DeepInversion)."""
+    N(0, 1) noise and, with ``clip``, clipped to the valid range after each step (as
+    DeepInversion's ImageNet script; its CIFAR script never clips)."""
 
     def __init__(
         self,
@@ -55,16 +56,20 @@ class PixelImages(Parametrisation):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         init: torch.Tensor | None = None,
+        clip: bool = True,
     ) -> None:
         super().__init__(mean, std)
         init = torch.randn(batch, *image_shape) if init is None else self.normalise(init)
         self.pixels = nn.Parameter(init)  # (B, C, H, W)
+        self.clip = clip
 
     def forward(self) -> torch.Tensor:
         return self.pixels
 
     @torch.no_grad()
     def project(self) -> None:
+        if not self.clip:
+            return
         low = (0.0 - self.mean) / self.std
         high = (1.0 - self.mean) / self.std
         self.pixels.copy_(torch.maximum(torch.minimum(self.pixels, high), low))

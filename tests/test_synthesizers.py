@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,10 @@ from synthesizers.hooks import (
 from synthesizers.losses import (
     channel_statistics,
     fused_sample_moments,
+    l2_prior,
     sample_moments,
     total_variation,
+    total_variation_l1,
 )
 from synthesizers.parametrisation import PixelImages, normalise
 
@@ -374,3 +377,75 @@ def test_only_2d_batch_norm_is_hooked() -> None:
     synth = build_synthesizer("deepinversion", model, DeepInversionConfig(iterations=2))
     assert len(synth.feature_layers()) == 1
     assert math.isfinite(synth.synthesize(spec()).losses["bn"])
+
+
+class LearningRates(get_synthesizer("deepinversion")):
+    """DeepInversion that records the image learning rate of every step."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rates: list[float] = []
+
+    def optimizer(self, parametrisation, stage):
+        self.current = super().optimizer(parametrisation, stage)
+        return self.current
+
+    def after_step(self, ctx) -> None:
+        self.rates.append(self.current.param_groups[0]["lr"])  # the next step's rate
+
+
+def test_deepinversion_presets_are_the_authors_two_scripts() -> None:
+    cifar = DeepInversionConfig()
+    assert cifar.preset == "cifar"
+    assert (cifar.betas, cifar.lr_schedule, cifar.warmup) == ((0.9, 0.999), "constant", 0)
+    assert (cifar.flip, cifar.clip, cifar.jitter, cifar.lr) == (False, False, 2, 0.05)
+    assert (cifar.bn_weight, cifar.tv_weight, cifar.l2_weight) == (10.0, 2.5e-5, 0.0)
+    imagenet = DeepInversionConfig(preset="imagenet")
+    assert (imagenet.betas, imagenet.lr_schedule, imagenet.warmup) == ((0.5, 0.9), "cosine", 100)
+    assert (imagenet.flip, imagenet.clip, imagenet.l2_per_image) == (True, True, True)
+    assert imagenet.first_bn_multiplier == 10.0
+    with pytest.raises(
+        ValueError, match="unknown preset 'cifar10'; valid presets: cifar, imagenet"
+    ):
+        DeepInversionConfig(preset="cifar10")
+    # what the user sets wins over the preset
+    mixed = DeepInversionConfig(preset="imagenet", flip=False, lr=0.1, warmup=0)
+    assert (mixed.flip, mixed.lr, mixed.warmup, mixed.clip) == (False, 0.1, 0, True)
+    assert get_synthesizer("adi").config_class(preset="imagenet").warmup == 100
+
+
+def test_the_presets_drive_the_loop() -> None:
+    teacher = tiny_teacher()
+    constant = LearningRates(teacher, DeepInversionConfig(iterations=4))
+    result = constant.synthesize(spec())
+    assert constant.rates == [0.05] * 4
+    assert set(result.losses) == {"ce", "bn", "tv", "l2", "total"}
+    config = DeepInversionConfig(preset="imagenet", iterations=104, jitter=2)
+    warm = LearningRates(teacher, config)
+    result = warm.synthesize(spec())
+    assert warm.rates[0] == pytest.approx(0.25 * 2 / 100)  # after step 0: step 1's rate
+    assert warm.rates[98] == pytest.approx(0.25)  # step 99, the last of the warm-up
+    assert warm.rates[99] == pytest.approx(0.25)  # step 100: the cosine starts at lr
+    assert warm.rates[100] < 0.25
+    assert set(result.losses) == {"ce", "bn", "tv", "tv_l1", "l2", "total"}
+    # the CIFAR script neither flips nor clips
+    image = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4)
+    jitterless = build_synthesizer("deepinversion", teacher, DeepInversionConfig(jitter=0))
+    rng = random.Random(0)
+    assert all(torch.equal(jitterless.augment(image, rng), image) for _ in range(20))
+    pixels = jitterless.parametrise(spec())
+    with torch.no_grad():
+        pixels.pixels.mul_(100)
+    before = pixels.pixels.clone()
+    pixels.project()
+    assert torch.equal(pixels.pixels, before)
+
+
+def test_per_image_l2_and_tv_l1() -> None:
+    x = torch.zeros(2, 1, 2, 2)
+    x[0] = 3.0  # image 0 has norm 6, image 1 norm 0
+    assert l2_prior(x).item() == pytest.approx(6.0)
+    assert l2_prior(x, per_image=True).item() == pytest.approx(3.0)
+    ramp = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    # |dx| = 1 everywhere, dy = 0, both diagonals 1
+    assert total_variation_l1(ramp).item() == pytest.approx(3.0)
