@@ -96,6 +96,9 @@ class Synthesizer:
     # Config fields that are image URLs: the pipeline loads each (RGB, the teacher's size)
     # into guidance[field] as a (C, H, W) tensor in [0, 1].
     image_fields: ClassVar[tuple[str, ...]] = ()
+    # Attributes a method sets during a step (activations, per-step references): set to
+    # None when synthesize returns, so that no graph of the last step outlives the call.
+    step_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -207,7 +210,11 @@ class Synthesizer:
             self.prepare(spec)
             parametrisation = self.parametrise(spec).to(self.device)
             labels = spec.labels.to(self.device)
-            run = self._optimise(spec, parametrisation, labels, rng, start)
+            try:
+                run = self._optimise(spec, parametrisation, labels, rng, start)
+            finally:
+                for name in self.step_state:
+                    setattr(self, name, None)
             images, logits = self._verdict(parametrisation)
         losses = {name: float(value) for name, value in run.final.items()}
         log.info("%s final %s", self.name, _format_terms(losses))

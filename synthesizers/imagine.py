@@ -3,12 +3,13 @@
 Variations of target images x⁰ (``guidance["target_images"]``, (B, C, H, W) in [0, 1],
 one per sample; y* = ``spec.labels``, the teacher's prediction on each target):
 
-Loss = CE(f(x̂), y*) + α R_TV(x̂) + β ‖x̂‖₂                             (Eq. 1, 2)
+Loss = CE(f(x̂), y*) + α R_TV(x̂) + β ‖x̂‖₂²                            (Eq. 1, 2)
        + λ Σ_{l∈Φ} ‖μ_l(x̂) − μ_l(x⁰)‖₂ + ‖σ_l(x̂) − σ_l(x⁰)‖₂             (Eq. 5)
        + γ R_pc(x̂),  R_pc = −D(x̂), D a patch discriminator             (Eq. 6–9)
 
 μ_l, σ_l are the channel mean and standard deviation of layer l's output for each image,
 matched sample by sample against that sample's own target (a batch may mix targets).
+‖x̂‖₂² is each image's squared norm (Eq. 2 squares it), averaged over the batch.
 The targets get a random square crop (``target_crop``…1 of the side, resized back) and
 a random flip every iteration (supplement); their statistics come from a no-grad forward
 of the teacher (eval-mode BN, so per-image statistics do not depend on the batch).
@@ -67,7 +68,7 @@ from synthesizers.imagine_support import (
     sample_statistics_distance,
 )
 from synthesizers.impression import random_crop
-from synthesizers.losses import cross_entropy, l2_prior, total_variation
+from synthesizers.losses import cross_entropy, squared_l2_prior, total_variation
 from synthesizers.parametrisation import Parametrisation, PixelImages, normalise
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
@@ -150,6 +151,15 @@ class Imagine(Synthesizer):
     uses_metadata = True  # the seeds scenario of the metadata stage supplies the targets
     uses_target_images = True  # ... and their images, as guidance["target_images"]
     image_fields: ClassVar[tuple[str, ...]] = ("shape_image", "style_image")
+    # one step's tensors (some hold the autograd graph); dropped when synthesize returns
+    step_state: ClassVar[tuple[str, ...]] = (
+        "augmented",
+        "step_real",
+        "reference_statistics",
+        "matched",
+        "activations",
+        "step_blob",
+    )
 
     def setup(self) -> None:
         super().setup()
@@ -227,7 +237,9 @@ class Imagine(Synthesizer):
                 "sigma": self.config.position_sigma,
                 "layer": self.position_layer,
             }
-        self.crop_rng = random.Random(spec.seed)
+        # the targets' crops and flips get their own stream, derived from the request's
+        # seed: sharing the loop's seed would replay x̂'s jitter draws for the targets
+        self.crop_rng = random.Random(f"imagine-target-crop:{spec.seed}")
         self.discriminator = None
         if any(stage.name == "adversarial" for stage in self.stages()):
             self.discriminator = self._discriminator(spec)
@@ -379,7 +391,7 @@ class Imagine(Synthesizer):
         terms = {
             "ce": cross_entropy(ctx.logits, ctx.labels),
             "tv": total_variation(ctx.inputs),
-            "l2": l2_prior(ctx.inputs),
+            "l2": squared_l2_prior(ctx.inputs),  # Eq. 2: β‖x̂‖², squared
         }
         if self.reference_statistics:
             matched = self.matched or {r.name: mean_std(r) for r in ctx.features}

@@ -44,6 +44,12 @@ def l2_prior(x: torch.Tensor, per_image: bool = False) -> torch.Tensor:
     return x.norm()
 
 
+def squared_l2_prior(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖₂² of each image of ``x`` (B, C, H, W), averaged over the batch (IMAGINE's Eq. 2
+    prior β‖x̂‖², per image like its other terms)."""
+    return x.float().square().flatten(1).sum(dim=1).mean()
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (B, K) against integer ``labels`` (B,)."""
     return F.cross_entropy(logits.float(), labels)

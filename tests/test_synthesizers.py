@@ -101,6 +101,30 @@ def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
     assert torch.allclose(result.probs.sum(1), torch.ones(8), atol=1e-5)
     assert result.iterations == 2
     assert "total" in result.losses and all(math.isfinite(v) for v in result.losses.values())
+    assert graph_holders(synth) == []  # nothing of the last step's graph is kept
+
+
+def graph_holders(obj: object, path: str = "synth", seen: set[int] | None = None) -> list[str]:
+    """Paths of the tensors reachable from ``obj``'s attributes that require gradients or
+    hold an autograd graph (modules: their parameters and buffers)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [path] if obj.requires_grad or obj.grad_fn is not None else []
+    if isinstance(obj, nn.Module):
+        tensors = [*obj.named_parameters(), *obj.named_buffers()]
+        return [f"{path}.{n}" for n, t in tensors if t.requires_grad or t.grad_fn is not None]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple, set)):
+        items = enumerate(obj)
+    elif type(obj).__module__.startswith(("synthesizers", "test_")) and hasattr(obj, "__dict__"):
+        items = vars(obj).items()
+    else:
+        return []
+    return [h for key, value in items for h in graph_holders(value, f"{path}.{key}", seen)]
 
 
 def test_deepinversion_returns_every_term_and_teacher_stays_frozen() -> None:
