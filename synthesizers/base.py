@@ -215,8 +215,8 @@ class Synthesizer:
             finally:
                 for name in self.step_state:
                     setattr(self, name, None)
-            images, logits = self._verdict(parametrisation)
-        losses = {name: float(value) for name, value in run.final.items()}
+            images, logits = self._verdict(parametrisation, run.best_images)
+        losses = {name: float(value) for name, value in (run.best or run.final).items()}
         log.info("%s final %s", self.name, _format_terms(losses))
         return SynthesisResult(
             images=images.float().cpu(),
@@ -301,6 +301,8 @@ class Synthesizer:
                         spec, stage, iteration, labels, images, inputs, _NO_LOGITS, features
                     )
                     terms, total = self._forward_loss(ctx, weights)
+                    if self.config.keep_best and number == len(stages) - 1:
+                        run.keep_if_best(images, terms, total)  # before the step moves them
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(total).backward()
                     scaler.step(optimizer)
@@ -366,10 +368,15 @@ class Synthesizer:
         return passed == 1.0 and plateau
 
     @torch.no_grad()
-    def _verdict(self, parametrisation: Parametrisation) -> tuple[torch.Tensor, torch.Tensor]:
+    def _verdict(
+        self, parametrisation: Parametrisation, normalised: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images quantised to 8 bits (as stored) and the teacher's fp32 logits on them,
-        on the synthesizer's device."""
-        images = parametrisation.to_unit(parametrisation().detach())
+        on the synthesizer's device: of ``normalised`` images (the kept best iterate) or
+        of the parametrisation's current ones."""
+        if normalised is None:
+            normalised = parametrisation().detach()
+        images = parametrisation.to_unit(normalised)
         images = (images * 255.0).round() / 255.0
         logits = self.teacher(parametrisation.normalise(images))
         return images, logits.float()
@@ -383,6 +390,23 @@ class _Run:
     iterations: int = 0
     checks: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    best: dict[str, torch.Tensor] = field(default_factory=dict)  # terms of the kept iterate
+    best_images: torch.Tensor | None = None  # (B, C, H, W) normalised, as optimised
+
+    def keep_if_best(
+        self, images: torch.Tensor, terms: dict[str, torch.Tensor], total: torch.Tensor
+    ) -> None:
+        """Keep ``images`` (the iterate the loss was computed on, before its step: a
+        copy, since pixels are updated in place) and its terms when their total is the
+        lowest so far. On the device, with ``torch.where``: no host synchronisation."""
+        current = {**{k: v.detach() for k, v in terms.items()}, "total": total.detach()}
+        images = images.detach()
+        if self.best_images is None:
+            self.best, self.best_images = current, images.clone()
+            return
+        better = current["total"] < self.best["total"]  # a 0-d bool tensor
+        self.best = {k: torch.where(better, v, self.best[k]) for k, v in current.items()}
+        self.best_images = torch.where(better, images, self.best_images)
 
 
 def _format_terms(terms: dict[str, Any]) -> str:

@@ -54,6 +54,10 @@ class SynthesizerConfig:
     early_stop: bool = False
     early_stop_every: int = 50  # iterations between checks (each costs one forward)
     early_stop_tolerance: float = 0.01
+    # Return the batch's iterate with the lowest total loss (of the last stage) instead of
+    # the last one, as both authors' CIFAR scripts mean to (DeepInversion's and
+    # NaturalInversion's keep one best batch, not one best image).
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -84,10 +84,12 @@ def test_registry_lists_valid_names_on_unknown() -> None:
         get_synthesizer("deep-inversion")
 
 
+@pytest.mark.parametrize("keep_best", [False, True])
 @pytest.mark.parametrize("name", sorted(SYNTHESIZERS))
-def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
+def test_every_registered_synthesizer_runs_two_iterations(name: str, keep_best: bool) -> None:
     method = get_synthesizer(name)
-    synth = build_synthesizer(name, tiny_teacher(), method.config_class(iterations=2))
+    config = method.config_class(iterations=2, keep_best=keep_best)
+    synth = build_synthesizer(name, tiny_teacher(), config)
     request = spec()
     if method.uses_metadata:
         request.guidance.update(metadata_guidance(synth))
@@ -473,3 +475,35 @@ def test_per_image_l2_and_tv_l1() -> None:
     ramp = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 1, 2, 2)
     # |dx| = 1 everywhere, dy = 0, both diagonals 1
     assert total_variation_l1(ramp).item() == pytest.approx(3.0)
+
+
+class Tracing(get_synthesizer("deepinversion")):
+    """DeepInversion that records every iterate it computes a loss on, with the total."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.trace: list[tuple[float, torch.Tensor]] = []
+
+    def forward_loss(self, ctx, weights):
+        terms, total = super().forward_loss(ctx, weights)
+        self.trace.append((float(total.detach()), ctx.images.detach().clone()))
+        return terms, total
+
+
+def test_keep_best_returns_the_lowest_loss_iterate_of_the_batch() -> None:
+    """Per batch, as the authors' CIFAR scripts: the whole batch at the iteration whose
+    total loss was lowest (the images that loss was computed on, before their step)."""
+    fields = {"iterations": 12, "lr": 0.5, "precision": "fp32", "channels_last": False}
+    assert SynthesizerConfig().keep_best is False  # the last iterate unless asked
+    kept = Tracing(tiny_teacher(), DeepInversionConfig(keep_best=True, **fields))
+    result = kept.synthesize(spec())
+    totals = [total for total, _ in kept.trace]
+    best = min(range(len(totals)), key=totals.__getitem__)
+    assert best < len(totals) - 1  # the run's loss went up again: the test means something
+    pixels = kept.parametrise(spec())  # the normalisation, to map the kept iterate back
+    expected = (pixels.to_unit(kept.trace[best][1]) * 255).round() / 255
+    assert torch.equal(result.images, expected)
+    assert result.losses["total"] == pytest.approx(totals[best], rel=1e-6)
+    last = Tracing(tiny_teacher(), DeepInversionConfig(**fields)).synthesize(spec())
+    assert not torch.equal(last.images, result.images)
+    assert last.losses["total"] == pytest.approx(totals[-1], rel=1e-6)
