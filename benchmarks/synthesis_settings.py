@@ -44,6 +44,7 @@ from synthesizers.parametrisation import normalise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRECISIONS = ("fp32", "bf16")
+NOTES = "\n## What it shows\n"  # from here on the .md is written by hand and kept
 QUALITY_HEADER = [
     "| precision | seed | iterate | accept (conf ≥ 0.5, argmax = target) | ResNet-56 agrees "
     "| teacher p(target) | BN term (fp32) |",
@@ -107,7 +108,10 @@ def main() -> None:
             result["runs"][key] = run
             path.write_text(json.dumps(result, indent=2) + "\n")  # resumable after every run
             print(key, json.dumps(run))
-    stem.with_suffix(".md").write_text(table(result, args))
+    markdown = stem.with_suffix(".md")
+    old = markdown.read_text() if markdown.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else ""  # the hand-written reading
+    markdown.write_text(table(result, args) + notes)
 
 
 def synthesize(teacher, judge, precision: str, seed: int, args: argparse.Namespace) -> dict:
