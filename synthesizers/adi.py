@@ -155,7 +155,7 @@ class StudentCompetition:
     autocast: Any
 
     def setup(self) -> None:
-        super().setup()  # type: ignore[misc]  # the synthesizer's, next in the MRO
+        super().setup()  # the synthesizer's own, next in the MRO after this mixin
         self.student: nn.Module | None = None
         self.student_checked = False  # output shape checked against the teacher's
         self.student_optimizer: torch.optim.Optimizer | None = None

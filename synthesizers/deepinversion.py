@@ -83,13 +83,15 @@ class DeepInversionConfig(SynthesizerConfig):
 
     preset: str = "cifar"  # cifar | imagenet
     iterations: int = 2000
-    lr: float | None = None  # type: ignore[assignment]
-    betas: tuple[float, float] | None = None  # type: ignore[assignment]
-    lr_schedule: str | None = None  # type: ignore[assignment]
-    warmup: int | None = None  # type: ignore[assignment]
-    jitter: int | None = None  # type: ignore[assignment]
-    flip: bool | None = None  # type: ignore[assignment]
-    clip: bool | None = None  # type: ignore[assignment]
+    # The shared fields a preset sets, re-declared as optional: None until __post_init__
+    # fills it in from the preset, a value afterwards.
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    lr_schedule: str | None = None
+    warmup: int | None = None
+    jitter: int | None = None
+    flip: bool | None = None
+    clip: bool | None = None
     ce_weight: float = 1.0
     bn_weight: float | None = None  # α_f
     first_bn_multiplier: float | None = None  # m_1
