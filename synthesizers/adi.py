@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthesizers.base import freeze
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
+from synthesizers.loop import freeze
 from synthesizers.parametrisation import normalise
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisResult, SynthesisSpec

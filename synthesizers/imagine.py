@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from synthesizers.attribution import gaussian_blob, grad_cam, location_loss
-from synthesizers.base import Synthesizer, adam
+from synthesizers.base import Synthesizer
 from synthesizers.discriminator import PatchDiscriminator, critic_loss
 from synthesizers.hooks import named_layers
 from synthesizers.imagine_support import (
@@ -68,6 +68,7 @@ from synthesizers.imagine_support import (
     sample_statistics_distance,
 )
 from synthesizers.impression import random_crop
+from synthesizers.loop import adam
 from synthesizers.losses import cross_entropy, squared_l2_prior, total_variation
 from synthesizers.parametrisation import Parametrisation, PixelImages, normalise
 from synthesizers.registry import register

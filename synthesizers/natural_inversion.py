@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthesizers.adi import CompetitionConfig, StudentCompetition
-from synthesizers.base import Synthesizer, adam
+from synthesizers.base import Synthesizer
 from synthesizers.deepinversion import batchnorm_statistics_loss
 from synthesizers.feature_pyramid import (
     FeatureTransferPyramid,
@@ -69,6 +69,7 @@ from synthesizers.feature_pyramid import (
     tap_outputs,
 )
 from synthesizers.hooks import batchnorm_layers
+from synthesizers.loop import adam
 from synthesizers.losses import cross_entropy, l2_prior, total_variation
 from synthesizers.parametrisation import Parametrisation
 from synthesizers.registry import register

@@ -21,7 +21,6 @@ from synthesizers import (
     get_synthesizer,
     synthesizer_names,
 )
-from synthesizers.base import weighted_total
 from synthesizers.deepinversion import DeepInversionConfig
 from synthesizers.hooks import (
     batchnorm_layers,
@@ -30,6 +29,7 @@ from synthesizers.hooks import (
     conv_layers,
     named_layers,
 )
+from synthesizers.loop import weighted_total
 from synthesizers.losses import (
     channel_statistics,
     fused_sample_moments,
