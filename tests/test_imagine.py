@@ -40,8 +40,8 @@ class Recording(Imagine):
     """Imagine that logs, per step, whether the adversarial term was computed and
     whether the discriminator's weights changed."""
 
-    def __init__(self, teacher: nn.Module, config: ImagineConfig) -> None:
-        super().__init__(teacher, config)
+    def setup(self) -> None:
+        super().setup()
         self.computed: list[tuple[str, bool]] = []
         self.trained: list[tuple[str, bool]] = []
 

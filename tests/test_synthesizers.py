@@ -268,8 +268,8 @@ class TwoStageMethod(Synthesizer):
 
     config_class = SynthesizerConfig
 
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__(teacher, SynthesizerConfig(iterations=3, lr=0.01))
+    def setup(self) -> None:
+        super().setup()
         self.seen: list[tuple[str, float]] = []
         self.critic_steps = 0
 
@@ -307,7 +307,7 @@ class TwoStageMethod(Synthesizer):
 
 
 def test_the_base_admits_generators_stages_auxiliary_networks_and_guidance() -> None:
-    method = TwoStageMethod(tiny_teacher())
+    method = TwoStageMethod(tiny_teacher(), SynthesizerConfig(iterations=3, lr=0.01))
     request = spec()
     request.guidance["target_images"] = torch.zeros(8, 3, 16, 16)
     result = method.synthesize(request)
