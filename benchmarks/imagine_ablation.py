@@ -38,9 +38,8 @@ import torch
 from common import CIFAR, RESNET20, RESNET56, cpu_name
 
 from pipeline.config import TeacherConfig
-from pipeline.images import open_image_folder
-from pipeline.manifest import contact_sheet
-from pipeline.teachers import load_teacher
+from pipeline.io.images import contact_sheet, open_image_folder
+from pipeline.models.teachers import load_teacher
 from synthesizers import SynthesisSpec, build_synthesizer
 from synthesizers.imagine import ImagineConfig
 

@@ -30,11 +30,11 @@ from common import CIFAR, RESNET56, cpu_name
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
 from pipeline.config import TeacherConfig, parse_config
-from pipeline.images import open_image_folder
-from pipeline.runtime import run_job
-from pipeline.shards import Sample, write_shard, write_sidecar
-from pipeline.teachers import load_teacher
-from pipeline.train import normaliser
+from pipeline.graph import run_job
+from pipeline.io.images import open_image_folder
+from pipeline.io.shards import Sample, write_shard, write_sidecar
+from pipeline.models.teachers import load_teacher
+from pipeline.models.training import normaliser
 
 TEACHER = {
     "arch": "resnet56",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import config_command
+from pipeline.cli.arguments import config_command
 
 ACTIONS = {
     "kd": "distil a student from the teacher on the shards",

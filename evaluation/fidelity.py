@@ -29,7 +29,7 @@ from evaluation.loader import load_all
 from evaluation.report import write_report
 from pipeline.config import TeacherConfig, build
 from pipeline.errors import InputError
-from pipeline.teachers import classifier_name, load_teacher
+from pipeline.models.teachers import classifier_name, load_teacher
 
 
 @torch.no_grad()

@@ -13,12 +13,12 @@ import torch
 
 from evaluation.config import EvalConfig
 from evaluation.loader import ShardSet, probe, resolve_shards
-from pipeline.archs import build_architecture
 from pipeline.config import TeacherConfig, build
 from pipeline.errors import InputError
-from pipeline.images import open_image_folder
-from pipeline.storage import absolute, check_writable, join
-from pipeline.teachers import Teacher, load_teacher
+from pipeline.io.images import open_image_folder
+from pipeline.io.storage import absolute, check_writable, join
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import Teacher, load_teacher
 
 log = logging.getLogger("dreamshard.evaluation")
 

@@ -18,9 +18,9 @@ from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
 from evaluation.report import comparison_rows, write_bytes, write_report
 from evaluation.training import TrainJob, evaluate_untrained, fit
-from pipeline.archs import build_architecture
-from pipeline.storage import join
-from pipeline.teachers import save_checkpoint
+from pipeline.io.storage import join
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import save_checkpoint
 
 
 def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any) -> TrainJob:

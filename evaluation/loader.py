@@ -33,8 +33,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from evaluation.sources import ShardError, ShardRef, ShardSet, read_shard, resolve_shards
 from pipeline.errors import InputError
-from pipeline.images import decode
-from pipeline.storage import redact
+from pipeline.io.images import decode
+from pipeline.io.storage import redact
 
 __all__ = [
     "Consumer",

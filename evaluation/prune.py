@@ -27,9 +27,9 @@ from evaluation.inputs import prepare
 from evaluation.kd import train_job
 from evaluation.report import write_report
 from evaluation.training import evaluate_untrained, fit
-from pipeline.archs.resnet_cifar import BasicBlock, PadShortcut
-from pipeline.storage import join
-from pipeline.teachers import classifier_name
+from pipeline.io.storage import join
+from pipeline.models.archs.resnet_cifar import BasicBlock, PadShortcut
+from pipeline.models.teachers import classifier_name
 
 
 def residual_stream_convs(model: nn.Module) -> list[nn.Module]:
@@ -127,7 +127,7 @@ def _save_module(model: nn.Module, url: str, options: dict[str, Any]) -> None:
     ``load_state_dict`` helpers, or prune the architecture again at the same ratio)."""
     import io
 
-    from pipeline.storage import atomic_open
+    from pipeline.io.storage import atomic_open
 
     buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

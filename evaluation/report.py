@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from evaluation.loader import read_shard
-from pipeline.images import decode
-from pipeline.manifest import contact_sheet
-from pipeline.storage import absolute, atomic_open, filesystem, join, redact
+from pipeline.io.images import contact_sheet, decode
+from pipeline.io.storage import absolute, atomic_open, filesystem, join, redact
 
 if TYPE_CHECKING:
     from evaluation.inputs import Inputs

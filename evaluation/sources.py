@@ -12,10 +12,10 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.archives import UnsafeArchive, check_member
 from pipeline.errors import InputError
-from pipeline.shards import completed_shards
-from pipeline.storage import absolute, exists, filesystem, join, read_bytes, read_json
+from pipeline.io.archives import UnsafeArchive, check_member
+from pipeline.io.shards import completed_shards
+from pipeline.io.storage import absolute, exists, filesystem, join, read_bytes, read_json
 
 log = logging.getLogger("dreamshard.evaluation")
 

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from evaluation.config import EvalRuntimeConfig
 from evaluation.loader import ShardDataset, ShardRef
 from pipeline.errors import InputError
-from pipeline.storage import filesystem, protocol_of
-from pipeline.teachers import load_weights
+from pipeline.io.storage import filesystem, protocol_of
+from pipeline.models.teachers import load_weights
 
 log = logging.getLogger("dreamshard.evaluation")
 CHECKPOINT_FILE = "state.pt"
@@ -224,7 +224,7 @@ def connect(runtime: EvalRuntimeConfig):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            from pipeline.runtime import start_local_ray
+            from pipeline.execution.executor import start_local_ray
 
             start_local_ray(ray)  # every server on 127.0.0.1
     return ray

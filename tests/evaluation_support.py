@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import Sample, write_shard
+from pipeline.io.shards import Sample, write_shard
 
 PALETTE = np.array(
     [

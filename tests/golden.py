@@ -65,9 +65,9 @@ def _teacher(root: Path) -> str:
     """A seeded random ResNet-20 with non-trivial BN statistics (as the tests' fixture)."""
     import torch
 
-    from pipeline.archs import build_architecture
     from pipeline.config import TeacherConfig
-    from pipeline.teachers import save_checkpoint
+    from pipeline.models.archs import build_architecture
+    from pipeline.models.teachers import save_checkpoint
 
     torch.manual_seed(0)
     model = build_architecture("resnet20", 10)
@@ -83,7 +83,7 @@ def _teacher(root: Path) -> str:
 def produce(kind: str) -> dict[str, str]:
     """Run the fixed config ``kind`` in a fresh folder; the sha256 of each shard."""
     from pipeline.config import load_config, parse_config
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     root = ROOT / kind
     shutil.rmtree(root, ignore_errors=True)
@@ -118,7 +118,7 @@ def produce(kind: str) -> dict[str, str]:
             "batch_size": 16,
             "files_per_task": 16,
         }
-        from pipeline.retrieval import run_retrieval
+        from pipeline.stages.retrieval import run_retrieval
 
         run_retrieval(parse_config(data))
     else:

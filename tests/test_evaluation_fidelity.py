@@ -12,7 +12,7 @@ import yaml
 from evaluation_support import write_shards, write_test_folder
 
 from evaluation.fidelity import class_balance, diversity, frechet_distance, precision_recall
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 
 def test_frechet_distance_matches_the_closed_form_for_shifted_gaussians() -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from evaluation.loader import ShardDataset, ShardError, load_all, read_shard, resolve_shards
 from pipeline.errors import InputError
-from pipeline.shards import Sample, write_shard
+from pipeline.io.shards import Sample, write_shard
 
 
 def write_run(root: Path, sizes: list[int], image_size: int = 8, logits: bool = True) -> Path:
@@ -138,7 +138,7 @@ def test_unsafe_members_and_wrong_image_sizes_are_refused(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_a_real_run_on_s3_streams_through_its_manifest(make_config, s3_server) -> None:
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     bucket = s3_server.make_bucket()
     options = s3_server.storage_options()

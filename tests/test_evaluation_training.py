@@ -18,7 +18,7 @@ import torch
 import yaml
 from evaluation_support import write_shards, write_test_folder
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import torchvision
 from conftest import CIFAR_TAR, RESNET20, shared
 from torch import nn
 
-from pipeline.archs import build_architecture
 from pipeline.config import TeacherConfig
-from pipeline.images import open_image_folder
-from pipeline.teachers import load_teacher
-from pipeline.train import normaliser
+from pipeline.io.images import open_image_folder
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import load_teacher
+from pipeline.models.training import normaliser
 from synthesizers import build_synthesizer
 from synthesizers.deepinversion import DeepInversionConfig
 from synthesizers.fuse import fuse_batchnorm, fusion_plan

@@ -15,10 +15,10 @@ import yaml
 from test_synthesizers import spec, tiny_teacher
 from tests_support import config_dict
 
-from pipeline.archs import build_architecture
-from pipeline.cli import main
-from pipeline.manifest import inspect_run
-from pipeline.shards import read_sidecar
+from pipeline.cli.main import main
+from pipeline.io.shards import read_sidecar
+from pipeline.models.archs import build_architecture
+from pipeline.stages.manifest import inspect_run
 from synthesizers import build_synthesizer
 from synthesizers.adi import SmallStudent
 from synthesizers.feature_pyramid import FeatureTransferPyramid, find_pyramid, tap_outputs

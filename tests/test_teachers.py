@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import CIFAR_TAR, RESNET20, RESNET56, shared
 
-from pipeline.archs import ARCHITECTURES, build_architecture
 from pipeline.config import TeacherConfig
 from pipeline.errors import InputError
-from pipeline.images import open_image_folder
-from pipeline.teachers import load_checkpoint, load_teacher
-from pipeline.train import evaluate
+from pipeline.io.images import open_image_folder
+from pipeline.models.archs import ARCHITECTURES, build_architecture
+from pipeline.models.teachers import load_checkpoint, load_teacher
+from pipeline.models.training import evaluate
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
