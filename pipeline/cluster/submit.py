@@ -34,7 +34,7 @@ import yaml
 
 from pipeline.cli.arguments import config_command
 from pipeline.errors import InputError
-from pipeline.io.storage import absolute, join, protocol_of, redact
+from pipeline.io.storage import join, protocol_of, redact
 
 if TYPE_CHECKING:  # the CLI imports this module to register commands: keep it light
     from pipeline.config import Config
@@ -133,14 +133,14 @@ def secret_fields(options: dict[str, Any], redacted: dict[str, Any], where: str 
 
 
 def job_config(config: Config, staging: Path) -> dict[str, Any]:
-    """The config the job runs, as plain data; a local checkpoint file is carried along."""
+    """The config the job runs, as plain data; a local checkpoint file is carried along.
+    ``config`` is resolved: its local paths are absolute (this machine's, not the job's
+    temporary working_dir)."""
     from pipeline.config import parse_config
 
     data = json.loads(json.dumps(config.to_dict()))
     data["runtime"]["address"] = None  # the driver joins the cluster it runs on (RAY_ADDRESS)
-    # a relative path would land in the job's temporary working_dir on the cluster
-    data["run"]["output"] = absolute(config.run.output)
-    checkpoint = data["teacher"]["checkpoint"] = absolute(config.teacher.checkpoint)
+    checkpoint = config.teacher.checkpoint
     if protocol_of(checkpoint) == "file" and os.path.isfile(checkpoint):
         carried = staging / "teacher" / Path(checkpoint).name
         carried.parent.mkdir(parents=True)
@@ -151,14 +151,15 @@ def job_config(config: Config, staging: Path) -> dict[str, Any]:
 
 
 def local_path_notes(config: Config) -> list[str]:
-    """Paths that only work if every node of the cluster sees this machine's files."""
+    """Paths of a resolved config that only work if every node of the cluster sees this
+    machine's files."""
     notes = []
     if protocol_of(config.run.output) == "file":
         notes.append(
-            f"run.output {absolute(config.run.output)} is a local path: every node of the "
+            f"run.output {config.run.output} is a local path: every node of the "
             "cluster must see it (a shared filesystem); use s3://… otherwise"
         )
-    checkpoint = absolute(config.teacher.checkpoint)
+    checkpoint = config.teacher.checkpoint
     if protocol_of(checkpoint) == "file" and not os.path.isfile(checkpoint):
         notes.append(f"teacher.checkpoint {checkpoint} is not here: it must exist on the cluster")
     return notes
@@ -168,6 +169,9 @@ def stage(
     config: Config, staging: Path, package: str = "upload"
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """Write the job's files under ``staging``: (entrypoint, runtime_env, metadata)."""
+    from pipeline.config import resolve
+
+    config = resolve(config)  # (a config from load_config is resolved already)
     data = job_config(config, staging)
     (staging / CONFIG_NAME).write_text(yaml.safe_dump(data, sort_keys=False))
     runtime_env: dict[str, Any] = {
