@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from evaluation.accuracy import accuracy, normalise
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
 from evaluation.loader import load_all
@@ -45,12 +46,10 @@ def logits_and_features(
     head = model.get_submodule(classifier_name(model))
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
-    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     logits = []
     try:
         for start in range(0, len(images), batch):
-            x = (images[start : start + batch].float() / 255.0 - mean_t) / std_t
-            logits.append(model(x))
+            logits.append(model(normalise(images[start : start + batch], mean, std)))
     finally:
         handle.remove()
     return torch.cat(logits), torch.cat(captured).double()
@@ -136,14 +135,14 @@ def independent_networks(inputs: Inputs) -> list[tuple[str, Any]]:
     spec = inputs.teacher_config
     loaded = []
     for index, entry in enumerate(inputs.config.fidelity.networks):
-        fields = {**asdict(spec), **{k: v for k, v in entry.items() if k != "name"}}
+        fields = {**asdict(spec), **entry.overrides()}
         where = f"fidelity.networks[{index}]"
         config = build(TeacherConfig, fields, where)
         try:
             network = load_teacher(config, inputs.options)
         except InputError as error:
             raise InputError(f"{where}: {error}".replace("teacher.", "")) from error
-        loaded.append((entry.get("name", f"{config.arch}-{index}"), network))
+        loaded.append((entry.name or f"{config.arch}-{index}", network))
     return loaded
 
 
@@ -189,4 +188,4 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).double().mean().item()
+    return accuracy(logits, labels, logits.shape[1])["accuracy"]

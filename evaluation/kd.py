@@ -17,7 +17,7 @@ from typing import Any
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
 from evaluation.report import comparison_rows, write_bytes, write_report
-from evaluation.training import TrainJob, evaluate_untrained, fit
+from evaluation.training import TrainJob, evaluate, fit
 from pipeline.archs import build_architecture
 from pipeline.storage import join
 from pipeline.teachers import save_checkpoint
@@ -70,7 +70,7 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         job = train_job(inputs, student, config.train.alpha, teacher, stored_logits=stored)
     else:
         job = train_job(inputs, student, 0.0)
-    before = evaluate_untrained(job)
+    before = evaluate(job.model, job)
     model, summary = fit(
         job, config.runtime, join(inputs.output, "ray"), inputs.job_name(command), inputs.options
     )
@@ -80,7 +80,7 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         save_checkpoint(model, replace(spec, arch=config.student.arch, checkpoint=local), local)
         with open(local, "rb") as f:
             write_bytes(checkpoint, f.read(), inputs.options)
-    teacher_accuracy = evaluate_untrained(replace(job, model=inputs.teacher.model))["accuracy"]
+    teacher_accuracy = evaluate(inputs.teacher.model, job)["accuracy"]
     results = {
         "student": config.student.arch,
         "untrained_accuracy": before["accuracy"],

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from evaluation.accuracy import test_accuracy
 from evaluation.config import EvalRuntimeConfig
 from evaluation.loader import ShardDataset, ShardRef
 from pipeline.errors import InputError
@@ -84,23 +85,10 @@ def kd_loss(
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, job: TrainJob, device: torch.device, batch: int = 500) -> dict:
-    """Top-1 and per-class accuracy of ``model`` on the job's real test set."""
-    model.eval()
+def evaluate(model: nn.Module, job: TrainJob, device: torch.device | None = None) -> dict:
+    """Top-1 and per-class accuracy of ``model`` on the job's real test set (default: CPU)."""
     images, labels = job.test
-    mean = torch.tensor(job.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(job.std, device=device).view(1, -1, 1, 1)
-    predictions = []
-    for start in range(0, len(images), batch):
-        x = (images[start : start + batch].to(device).float() / 255.0 - mean) / std
-        predictions.append(model(x).argmax(1).cpu())
-    correct = torch.cat(predictions) == labels
-    per_class = [
-        correct[labels == c].float().mean().item() if (labels == c).any() else None
-        for c in range(job.num_classes)
-    ]
-    return {"accuracy": correct.float().mean().item(), "per_class": per_class}
+    return test_accuracy(model, images, labels, job.mean, job.std, job.num_classes, device)
 
 
 def schedule_factor(job: TrainJob, epoch: int) -> float:
@@ -301,8 +289,3 @@ def fit(
         "checkpoints": result.path,
     }
     return model.eval(), summary
-
-
-def evaluate_untrained(job: TrainJob) -> dict:
-    """Test accuracy of ``job.model`` as it is (on the CPU, in this process)."""
-    return evaluate(job.model, job, torch.device("cpu"))
