@@ -4,9 +4,11 @@
 * each independent network's accuracy on them (a different classifier trained on real
   data: a configured checkpoint, nothing is downloaded);
 * in that network's penultimate features (the classifier's input): the Fréchet distance
-  between synthetic and real test images, precision and recall with k-nearest-neighbour
-  manifolds (Kynkäänniemi et al. 2019, as NaturalInversion's Table 1), and within-class
-  diversity (mean pairwise feature distance, synthetic next to real);
+  between synthetic and real test images, named by those features (``fd_resnet20``: not
+  "FID", which means Inception-v3 features and is not comparable), precision and recall
+  with k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019, as NaturalInversion's
+  Table 1), and within-class diversity (mean pairwise feature distance, synthetic next
+  to real);
 * class balance of the synthetic set, and a t-SNE plot of real vs synthetic features.
 
 Without ``fidelity.networks`` the teacher's own features are used, and the report says so.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -174,7 +177,7 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
                 "arch": net.arch,
                 "accuracy_synthetic": _accuracy(fake_logits, fake_labels),
                 "accuracy_real": _accuracy(real_logits, real_labels),
-                "fid": frechet_distance(fake_features, real_features),
+                fd_name(net.arch): frechet_distance(fake_features, real_features),
                 **precision_recall(real_features.float(), fake_features.float(), config.fidelity.k),
                 "diversity_synthetic": diversity(fake_features, fake_labels),
                 "diversity_real": diversity(real_features, real_labels),
@@ -185,6 +188,12 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
     results["networks"] = rows
     write_report(inputs, "fidelity", results, {}, plots)
     return results
+
+
+def fd_name(arch: str) -> str:
+    """The Fréchet distance's key, named by the network whose features it compares:
+    ``fd_resnet20``, ``fd_torchvision_resnet18``."""
+    return "fd_" + re.sub(r"[^0-9a-zA-Z]+", "_", arch).strip("_").lower()
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
