@@ -89,6 +89,7 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         "final": summary["final"],
         "per_class": dict(zip(inputs.classes, summary["per_class"], strict=True)),
         "history": summary["history"],
+        "samples_seen": summary["samples_seen"],  # per epoch, over all ranks
         "resumed_from": summary["resumed_from"],
         "checkpoint": checkpoint,
         "shards": {"count": len(inputs.shards.shards), "samples": inputs.shards.samples},

@@ -104,6 +104,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
                 best=summary["best"],
                 resumed_from=summary["resumed_from"],
                 history=summary["history"],
+                samples_seen=summary["samples_seen"],
             )
             curves[f"ratio {ratio:g}"] = summary["history"]
             path = join(inputs.output, f"pruned-{ratio:g}.pt")

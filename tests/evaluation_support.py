@@ -37,15 +37,28 @@ def write_shards(
     root: Path, per_class: int, shard_size: int, seed: int = 0, size: int = 32
 ) -> Path:
     """A run-like folder of shards (with sidecars) of coloured images; logits = 6 * one-hot."""
+    total = per_class * 10
+    sizes = [min(shard_size, total - start) for start in range(0, total, shard_size)]
+    return write_sized_shards(root, sizes, seed, size)
+
+
+def write_sized_shards(
+    root: Path, sizes: list[int], seed: int = 0, size: int = 32, logits: bool = True
+) -> Path:
+    """Shards of ``sizes`` samples (with sidecars); labels cycle through the 10 classes."""
     rng = np.random.default_rng(seed)
-    labels = [c for _ in range(per_class) for c in range(10)]
-    for index, start in enumerate(range(0, len(labels), shard_size)):
+    position = 0
+    for index, count in enumerate(sizes):
         samples = []
-        for slot, label in enumerate(labels[start : start + shard_size]):
-            logits = np.full(10, -3.0, np.float32)
-            logits[label] = 3.0
+        for slot in range(count):
+            label = position % 10
+            scores = np.full(10, -3.0, np.float32)
+            scores[label] = 3.0
             image = coloured(label, rng, size)
-            samples.append(Sample(f"{index:06d}-{slot:05d}", image, label, {}, logits))
+            samples.append(
+                Sample(f"{index:06d}-{slot:05d}", image, label, {}, scores if logits else None)
+            )
+            position += 1
         name = f"train-{index:06d}"
         sha256, _ = write_shard(str(root / "shards" / f"{name}.tar"), samples)
         sidecar = {"shard": name, "samples": len(samples), "sha256": sha256}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from evaluation_support import write_shards, write_test_folder
+from evaluation_support import write_shards, write_sized_shards, write_test_folder
 
 from pipeline.cli import main
 
@@ -91,6 +91,25 @@ def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
     assert main(["teacher", "eval", *student]) == 0  # the saved student is the final one
     accuracy = last_json(capsys.readouterr().out)["accuracy"]
     assert accuracy == pytest.approx(results["final"]["test_accuracy"])
+
+
+def test_uneven_shards_lose_no_sample_on_two_workers(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    # 3 shards of 8, 8 and 4 samples on 2 Ray Train workers: every sample, every epoch
+    shards = write_sized_shards(tmp_path / "uneven", [8, 8, 4])
+    config = eval_config(
+        tmp_path,
+        {"shards": shards, "test": data["test"]},
+        teacher_checkpoint,
+        train={"epochs": 2, "batch_size": 6},
+        data={"loader_workers": 2, "shuffle_buffer": 5},
+    )
+    assert main(["eval", "scratch", str(config)]) == 0
+    report = json.loads((tmp_path / "eval" / "tiny" / "scratch" / "report.json").read_text())
+    results = report["results"]
+    assert results["samples_seen"] == [20, 20]
+    assert [e["samples_seen"] for e in results["history"]] == [20, 20]
 
 
 def worker_pids() -> list[int]:
