@@ -92,7 +92,7 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         "samples_seen": summary["samples_seen"],  # per epoch, over all ranks
         "resumed_from": summary["resumed_from"],
         "checkpoint": checkpoint,
-        "shards": {"count": len(inputs.shards.shards), "samples": inputs.shards.samples},
+        "shards": inputs.shards.summary(),  # count, samples, checksums
     }
     results["comparison"] = comparison_rows(inputs, command, results)
     write_report(inputs, command, results, {"student": summary["history"]})

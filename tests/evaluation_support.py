@@ -75,3 +75,22 @@ def write_test_folder(root: Path, per_class: int, seed: int = 1, size: int = 32)
         for n in range(per_class):
             Image.fromarray(coloured(label, rng, size)).save(folder / f"{n:04d}.png")
     return root
+
+
+def write_plain_shards(root: Path, sizes: list[int], seed: int = 0, size: int = 32) -> Path:
+    """Tars written by ``webdataset.TarWriter`` itself (png + cls, no sidecars), as another
+    tool or a real-data baseline would; labels cycle through the 10 classes."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    position = 0
+    for index, count in enumerate(sizes):
+        with wds.TarWriter(str(root / f"real-{index:04d}.tar")) as writer:
+            for _ in range(count):
+                label = position % 10
+                writer.write(
+                    {"__key__": f"s{position:06d}", "png": coloured(label, rng, size), "cls": label}
+                )
+                position += 1
+    return root

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from evaluation_support import write_plain_shards
 from torch.utils.data import DataLoader
 
 from evaluation.loader import ShardDataset, ShardError, load_all, read_shard, resolve_shards
@@ -201,3 +202,27 @@ def test_a_real_run_on_s3_streams_through_its_manifest(make_config, s3_server) -
     )
     labels = [int(label) for _, label, logits in dataset if logits.shape == (10,)]
     assert sorted(labels) == sorted(c for c in range(10) for _ in range(4 if c < 2 else 3))
+
+
+def test_plain_webdataset_shards_are_counted_and_read_unverified(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    folder = write_plain_shards(tmp_path / "plain", [5, 3], size=8)
+    shards = resolve_shards(str(folder))  # no sidecars, no --allow-incomplete needed
+    assert [s.samples for s in shards.shards] == [5, 3]  # counted by a first pass
+    assert all(s.sha256 is None for s in shards.shards)
+    assert "none for 2 of 2 shards" in shards.summary()["checksums"]
+    assert "no checksums" in caplog.text
+    dataset = ShardDataset(shards.shards, (0.0,) * 3, (1.0,) * 3, image_size=8, batch_size=3)
+    labels = [label for _, batch in dataset for label in batch.tolist()]
+    assert sorted(labels) == sorted(p % 10 for p in range(8))
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": []}
+    for name, count in (("real-0000.tar", 5), ("real-0001.tar", 3)):
+        index["shardlist"].append({"url": f"https://example.org/{name}", "nsamples": count})
+    (folder / "index.json").write_text(json.dumps(index))
+
+    def no_first_pass(url, options=None):
+        raise AssertionError(f"{url} was opened although the wids index counts it")
+
+    monkeypatch.setattr("evaluation.sources.count_samples", no_first_pass)
+    assert [s.samples for s in resolve_shards(str(folder / "real-*.tar")).shards] == [5, 3]
