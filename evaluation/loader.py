@@ -89,6 +89,11 @@ class ShardDataset(IterableDataset):
         self.batch_size = batch_size
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if logits and augment:  # see evaluation.kd.uses_stored_logits
+            raise ValueError(
+                "stored logits describe the unaugmented image: with augment, run the "
+                "teacher on the augmented view instead of asking for logits"
+            )
 
     def __repr__(self) -> str:  # no storage secrets in logs
         return (

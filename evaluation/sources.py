@@ -209,6 +209,24 @@ def count_samples(url: str, options: dict[str, Any] | None = None) -> int:
     return len(keys)
 
 
+def first_sample(shard: ShardRef, options: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The first sample of a shard (``{extension: bytes}`` with ``__key__``), reading only
+    the head of the tar (unverified: the sha256 needs the whole tar)."""
+    fs, path = filesystem(shard.url, options)
+    sample: dict[str, bytes] = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            _check(member, shard.url)
+            if member.isdir():
+                continue
+            key, extension = sample_key(member.name)
+            if sample and sample["__key__"] != key.encode():
+                break
+            sample.setdefault("__key__", key.encode())
+            sample[extension] = tar.extractfile(member).read()
+    return sample
+
+
 def sample_key(name: str) -> tuple[str, str]:
     """``(key, extension)`` of a tar member, as webdataset splits it: the key is the path
     up to the first dot of the file name (``a/b.seg.png`` -> ``a/b``, ``seg.png``)."""

@@ -101,20 +101,22 @@ def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
 def test_uneven_shards_lose_no_sample_on_two_workers(
     ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
 ) -> None:
-    # 3 shards of 8, 8 and 4 samples on 2 Ray Train workers: every sample, every epoch
+    # 3 shards of 8, 8 and 4 samples on 2 Ray Train workers: every sample, every epoch;
+    # stored logits with augmentation: the teacher is taught on the augmented views
     shards = write_sized_shards(tmp_path / "uneven", [8, 8, 4])
     config = eval_config(
         tmp_path,
         {"shards": shards, "test": data["test"]},
         teacher_checkpoint,
-        train={"epochs": 2, "batch_size": 6},
-        data={"loader_workers": 2, "shuffle_buffer": 5},
+        train={"epochs": 2, "batch_size": 6, "logits": "stored"},
+        data={"loader_workers": 2, "shuffle_buffer": 5, "augment": True},
     )
-    assert main(["eval", "scratch", str(config)]) == 0
-    report = json.loads((tmp_path / "eval" / "tiny" / "scratch" / "report.json").read_text())
+    assert main(["eval", "kd", str(config)]) == 0
+    report = json.loads((tmp_path / "eval" / "tiny" / "kd" / "report.json").read_text())
     results = report["results"]
     assert results["samples_seen"] == [20, 20]
     assert [e["samples_seen"] for e in results["history"]] == [20, 20]
+    assert results["kd_targets"].startswith("teacher run on each augmented view")
 
 
 def test_kd_on_plain_webdataset_shards_says_they_have_no_checksums(
