@@ -300,7 +300,8 @@ def fit(
         "history": state["history"],
         "best": state["best"],
         "final": {"epoch": final["epoch"], "test_accuracy": final["test_accuracy"]},
-        "samples_seen": [entry["samples_seen"] for entry in state["history"]],
+        # .get: a checkpoint from before samples_seen was recorded resumes too
+        "samples_seen": [entry.get("samples_seen") for entry in state["history"]],
         "per_class": final["per_class"],
         "resumed_from": state["resumed_from"],
         "checkpoints": result.path,
