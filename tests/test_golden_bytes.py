@@ -15,6 +15,7 @@ from golden import KINDS, RECORD, environment, produce
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a run of the demo config, on 2 busy cores
 @pytest.mark.parametrize("kind", KINDS)
 def test_shards_have_the_recorded_bytes(kind: str) -> None:
     record = json.loads(RECORD.read_text())

@@ -245,7 +245,7 @@ from pipeline.config import parse_config
 from pipeline.execution.executor import connect_ray
 
 config = parse_config(config_dict("out", "t.pt", runtime={"executor": "ray"}))
-ray = connect_ray(config)
+ray = connect_ray(config.runtime.address)
 ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
 print("ready", flush=True)
 sys.stdin.read()

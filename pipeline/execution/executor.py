@@ -36,8 +36,9 @@ class Worker(Protocol):
     def run(self, task: Any) -> Any: ...
 
 
-def connect_ray(runtime: RuntimeConfig) -> Any:
-    """Ray, connected to ``runtime.address`` (or RAY_ADDRESS), else a fresh local cluster."""
+def connect_ray(address: str | None = None) -> Any:
+    """Ray: already initialised, else connected to ``address`` (or RAY_ADDRESS), else a
+    fresh local cluster on this machine (every server on 127.0.0.1)."""
     try:
         import ray
     except ImportError as error:
@@ -48,7 +49,7 @@ def connect_ray(runtime: RuntimeConfig) -> Any:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return ray
-    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # the embedded default: a fresh local cluster on this machine
@@ -197,7 +198,7 @@ class ActorPool:
 
     def _start(self, count: int) -> None:
         """Connect and start ``count`` actors (fewer if the cluster is smaller)."""
-        self.ray = ray = connect_ray(self.runtime)
+        self.ray = ray = connect_ray(self.runtime.address)
         options, fits = actor_resources(ray.cluster_resources(), self.runtime, self.use_gpus)
         count = max(1, min(fits, count, self.max_workers or fits))
         device = "cuda" if options["num_gpus"] else "cpu"

@@ -107,7 +107,13 @@ class Sidecar:
 
     @classmethod
     def read(cls, run_url: str, name: str, options: dict[str, Any] | None = None) -> Sidecar:
-        return cls.from_json(read_json(sidecar_url(run_url, name), options))
+        """The sidecar of shard ``name`` of the run at ``run_url``."""
+        return cls.load(sidecar_url(run_url, name), options)
+
+    @classmethod
+    def load(cls, url: str, options: dict[str, Any] | None = None) -> Sidecar:
+        """The sidecar at ``url`` (beside its tar: ``{name}.json``)."""
+        return cls.from_json(read_json(url, options))
 
 
 def class_histogram(labels: list[int]) -> dict[str, int]:
