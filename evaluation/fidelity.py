@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluation.accuracy import accuracy, normalise
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
 from evaluation.loader import load_all
 from evaluation.report import write_report
 from pipeline.config import TeacherConfig, build
 from pipeline.errors import InputError
+from pipeline.models.accuracy import accuracy, normalise
 from pipeline.models.teachers import classifier_name, load_teacher
 
 

@@ -34,6 +34,7 @@ from evaluation.split import Consumer, Part, part_of, steps_per_rank
 from pipeline.errors import InputError
 from pipeline.io.images import decode
 from pipeline.io.storage import redact
+from pipeline.models.training import random_crop_flip
 
 __all__ = [
     "Consumer",
@@ -182,7 +183,7 @@ class ShardDataset(IterableDataset):
             )
         image = torch.tensor(array).permute(2, 0, 1)  # (3, H, W) uint8
         if self.augment:
-            image = _crop_flip(image, generator)
+            image = random_crop_flip(image[None], generator)[0]
         image = (image.float() / 255.0 - self.mean) / self.std
         label = int(sample["cls"])
         if not self.logits:
@@ -210,15 +211,6 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
         yield item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def _crop_flip(image: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop from a zero-padded copy and random horizontal flip; (3, H, W)."""
-    _, height, width = image.shape
-    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
-    y, x = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    crop = padded[:, y : y + height, x : x + width]
-    return crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop
 
 
 def load_logits(data: bytes, where: str) -> np.ndarray:

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from evaluation.accuracy import test_accuracy
 from evaluation.config import EvalRuntimeConfig
 from evaluation.loader import ShardDataset, ShardRef
 from evaluation.split import steps_per_rank
 from pipeline.errors import InputError
 from pipeline.execution.executor import connect_ray
 from pipeline.io.storage import filesystem, protocol_of
+from pipeline.models.accuracy import test_accuracy
 from pipeline.models.teachers import load_weights
 
 log = logging.getLogger("dreamshard.evaluation")

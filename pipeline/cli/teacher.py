@@ -46,8 +46,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
     from pipeline.io.images import open_image_folder
+    from pipeline.models.accuracy import test_accuracy
     from pipeline.models.teachers import save_checkpoint
-    from pipeline.models.training import TrainConfig, evaluate, teacher_config_for, train_teacher
+    from pipeline.models.training import TrainConfig, teacher_config_for, train_teacher
 
     logging.getLogger("dreamshard").setLevel(logging.INFO)
     given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
@@ -64,7 +65,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     model, info = train_teacher(config, images, labels, num_classes, test)
     extra = {"classes": train_set.classes, "epochs": config.epochs, "trained_on": args.data}
     if test is not None:
-        result = evaluate(model, *test, config.mean, config.std, num_classes)
+        result = test_accuracy(model, *test, config.mean, config.std, num_classes)
         extra["test_accuracy"] = result["accuracy"]
         extra["tested_on"] = args.test
     save_checkpoint(
@@ -77,8 +78,8 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 def cmd_teacher_eval(args: argparse.Namespace) -> int:
     from pipeline.config import TeacherConfig
     from pipeline.io.images import open_image_folder
+    from pipeline.models.accuracy import test_accuracy
     from pipeline.models.teachers import load_checkpoint, load_teacher
-    from pipeline.models.training import evaluate
 
     _, meta, _ = load_checkpoint(args.checkpoint)
     fields = {
@@ -94,6 +95,8 @@ def cmd_teacher_eval(args: argparse.Namespace) -> int:
     config = TeacherConfig(checkpoint=args.checkpoint, **fields, **spec)
     teacher = load_teacher(config)
     images, labels = open_image_folder(args.data).subset(args.per_class).load(config.image_size)
-    result = evaluate(teacher.model, images, labels, config.mean, config.std, config.num_classes)
+    result = test_accuracy(
+        teacher.model, images, labels, config.mean, config.std, config.num_classes
+    )
     print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, **result}, indent=2))
     return 0

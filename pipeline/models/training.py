@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
+from pipeline.models.accuracy import normalise, test_accuracy
 from pipeline.models.archs import build_architecture
 from synthesizers.precision import autocast_dtype
 
@@ -47,7 +48,8 @@ class TrainConfig:
 def random_crop_flip(
     images: torch.Tensor, generator: torch.Generator, pad: int = 4
 ) -> torch.Tensor:
-    """Per-sample random crop from a zero-padded copy and random flip; (B, C, H, W)."""
+    """Per-sample random crop from a zero-padded copy and random flip; (B, C, H, W).
+    The one training augmentation (teacher training, the evaluation loader)."""
     batch, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
@@ -58,41 +60,6 @@ def random_crop_flip(
         crop = padded[i, :, y : y + height, x : x + width]
         out[i] = crop.flip(-1) if flips[i] else crop
     return out
-
-
-def normaliser(mean: tuple[float, ...], std: tuple[float, ...]):
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
-    return lambda images_uint8: (images_uint8.float() / 255.0 - mean_t) / std_t
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    num_classes: int,
-    batch_size: int = 500,
-) -> dict:
-    """Top-1 accuracy and per-class accuracy of ``model`` on uint8 images (N, 3, H, W)."""
-    model.eval()
-    normalise = normaliser(mean, std)
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        batch = normalise(images[start : start + batch_size])
-        predictions.append(model(batch.contiguous(memory_format=torch.channels_last)).argmax(1))
-    correct = torch.cat(predictions) == labels
-    per_class = [
-        correct[labels == c].float().mean().item() if (labels == c).any() else None
-        for c in range(num_classes)
-    ]
-    return {
-        "accuracy": correct.float().mean().item(),
-        "per_class": per_class,
-        "images": len(labels),
-    }
 
 
 def train_teacher(
@@ -122,7 +89,6 @@ def train_teacher(
     else:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     dtype = autocast_dtype(config.precision, torch.device("cpu"))
-    normalise = normaliser(config.mean, config.std)
     history = []
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -131,7 +97,7 @@ def train_teacher(
         seen, loss_sum = 0, 0.0
         for step in range(steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = normalise(random_crop_flip(images[index], generator))
+            batch = normalise(random_crop_flip(images[index], generator), config.mean, config.std)
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = F.cross_entropy(model(batch).float(), labels[index])
@@ -147,9 +113,9 @@ def train_teacher(
             "seconds": time.perf_counter() - start,
         }
         if test is not None:
-            entry["test_accuracy"] = evaluate(model, *test, config.mean, config.std, num_classes)[
-                "accuracy"
-            ]
+            entry["test_accuracy"] = test_accuracy(
+                model, *test, config.mean, config.std, num_classes
+            )["accuracy"]
         history.append(entry)
         log.info("epoch %d/%d %s", epoch + 1, config.epochs, entry)
     return model.eval(), {"history": history, "seconds": time.perf_counter() - start}

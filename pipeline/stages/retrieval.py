@@ -35,6 +35,7 @@ from pipeline.io.images import open_image_folder
 from pipeline.io.pool import PoolTask, known_size, list_pool
 from pipeline.io.shards import Sidecar, completed_shards
 from pipeline.io.storage import check_writable, exists, join, read_json, redact, write_json
+from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import load_teacher
 from pipeline.stages.manifest import resolved_config, shard_entries
 from pipeline.stages.retrieval_worker import PoolWorker, ScoreTask, TopK, WriteJob
@@ -149,9 +150,7 @@ def target_codes(
 ) -> torch.Tensor:
     """The labeled set's ensembled code (1, D), or each class's (K, D)."""
     r, t = config.retrieval, config.teacher
-    x = (images.float() / 255.0 - torch.tensor(t.mean).view(1, 3, 1, 1)) / torch.tensor(t.std).view(
-        1, 3, 1, 1
-    )
+    x = normalise(images, t.mean, t.std)
     dtype = autocast_dtype("auto", torch.device("cpu"))
     codes, _ = encode(model, x, layers, r.batch_size, dtype)
     if r.selection == "global":

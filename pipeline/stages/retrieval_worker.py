@@ -23,6 +23,7 @@ from pipeline.config import Config
 from pipeline.io.archives import UnsafeArchive
 from pipeline.io.pool import PoolTask, decode_or_none, stream
 from pipeline.io.shards import Sample, ShardStore, Sidecar, sample_key
+from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import load_teacher
 from synthesizers.impression import distance, encode, flatten, template_layers
 from synthesizers.precision import autocast_dtype
@@ -113,8 +114,7 @@ class PoolWorker:
         self.dtype = autocast_dtype("auto", self.device)
         self.targets = targets.to(self.device)  # (T, D)
         t = config.teacher
-        self.mean = torch.tensor(t.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(t.std, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = t.mean, t.std
 
     @property
     def pool_options(self) -> dict[str, Any]:
@@ -155,8 +155,8 @@ class PoolWorker:
         return [c[0] for c in chunk], [c[1] for c in chunk], np.stack([c[2] for c in chunk])
 
     def normalised(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2)  # uint8 (B, 3, S, S)
+        return normalise(x, self.mean, self.std).contiguous(memory_format=torch.channels_last)
 
     def run(self, task: ScoreTask | WriteJob) -> dict[str, Any] | list[Sidecar]:
         """Score a pool task (its best candidates and counts) or write a job's shards."""

@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.execution.executor import ActorPool
 from pipeline.io.images import ImageFolder, decode
+from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import Teacher, load_teacher
 from synthesizers import build_synthesizer
 from synthesizers.hooks import capture_statistics
@@ -100,8 +101,6 @@ def collect_files(
     t = config.teacher
     scenario = config.metadata.scenario
     rows = total_rows if total_rows is not None else rows_of(config, source.files)
-    mean = torch.tensor(t.mean).view(1, 3, 1, 1)
-    std = torch.tensor(t.std).view(1, 3, 1, 1)
     first = {name: torch.zeros(rows, 0, dtype=torch.float64) for name, _ in layers}
     second = dict(first)
     sums = Sums(first, second, torch.zeros(rows, dtype=torch.float64))
@@ -111,7 +110,7 @@ def collect_files(
             chunk = files[start : start + batch]
             arrays = [decode(source.read(path), path, t.image_size) for path, _ in chunk]
             images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-            predicted = model((images - mean) / std).argmax(dim=1)
+            predicted = model(normalise(images, t.mean, t.std)).argmax(dim=1)
             labels = torch.tensor([label for _, label in chunk])
             if scenario == "seeds":
                 targets = torch.arange(first_row + start, first_row + start + len(chunk))

@@ -18,6 +18,7 @@ import torch
 from pipeline.config import Config, FilterConfig
 from pipeline.execution.metrics import record_shard
 from pipeline.io.shards import Sample, ShardStore, Sidecar
+from pipeline.models.accuracy import normalise
 from pipeline.models.archs import build_architecture
 from pipeline.models.teachers import Teacher, load_teacher, load_verifier
 from pipeline.stages.guidance import guidance_images
@@ -62,9 +63,7 @@ def verify(verifier: Teacher, images: torch.Tensor) -> torch.Tensor:
         images = torch.nn.functional.interpolate(
             images, size=(size, size), mode="bilinear", align_corners=False
         )
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return verifier.model((images - mean) / std).argmax(dim=1)
+    return verifier.model(normalise(images, spec.mean, spec.std)).argmax(dim=1)
 
 
 def refill(open_slots: list[tuple[int, int]], batch: int) -> list[tuple[int, int]]:

@@ -35,6 +35,7 @@ from pipeline.io.shards import (
     shard_url,
 )
 from pipeline.io.storage import check_writable, join, write_json
+from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import load_teacher
 from pipeline.stages.manifest import resolved_config
 from pipeline.stages.plan import derive_seed
@@ -139,10 +140,7 @@ def target_statistics(
     classes: int,
 ) -> Codes:
     """The target set's ensembled code as ``class_statistics``: the same row K times."""
-    x = to_unit(images).to(synthesizer.device)
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(
-        std, device=x.device
-    ).view(1, 3, 1, 1)
+    x = normalise(to_unit(images).to(synthesizer.device), mean, std)
     codes, _ = encode(synthesizer.teacher, x, synthesizer.layers, 256, synthesizer.dtype)
     return {
         name: (m.expand(classes, -1).cpu(), v.expand(classes, -1).cpu())

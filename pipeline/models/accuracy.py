@@ -1,5 +1,6 @@
-"""Top-1 accuracy: the one place in ``evaluation`` that scores predictions against labels
-(the test set after every epoch, the untrained and pruned models, the fidelity networks)."""
+"""Top-1 accuracy and input normalisation: the one place that scores a classifier against
+labels (teacher training and evaluation, the student after every epoch, the untrained and
+pruned models, the fidelity networks)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from torch import nn
 def normalise(
     images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) to float32 in the model's normalisation, on their device."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
+    """Images (N, 3, H, W), uint8 or float in [0, 1], to float32 in the model's
+    normalisation, on their device."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -24,7 +28,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
         correct[labels == c].float().mean().item() if (labels == c).any() else None
         for c in range(num_classes)
     ]
-    return {"accuracy": correct.sum().item() / max(len(correct), 1), "per_class": per_class}
+    return {
+        "accuracy": correct.sum().item() / max(len(correct), 1),
+        "per_class": per_class,
+        "images": len(labels),
+    }
 
 
 @torch.no_grad()
@@ -42,7 +50,11 @@ def test_accuracy(
     device = device or torch.device("cpu")
     model.eval()
     logits = [
-        model(normalise(images[start : start + batch].to(device), mean, std)).cpu()
+        model(
+            normalise(images[start : start + batch].to(device), mean, std).contiguous(
+                memory_format=torch.channels_last
+            )
+        ).cpu()
         for start in range(0, len(images), batch)
     ]
     return accuracy(torch.cat(logits), labels, num_classes)
