@@ -15,7 +15,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 import numpy as np
@@ -69,18 +69,19 @@ class Sample:
 class Sidecar:
     """A shard's completion record (``{split}-{index:06d}.json`` beside the tar).
 
-    Every shard has the first block; the stage that wrote it fills in its own fields and
-    leaves the others ``None`` (they are not written).
+    Every shard written here has the first block; the stage that wrote it fills in its own
+    fields and leaves the others ``None`` (they are not written). A reader needs only
+    ``shard``, ``samples`` and ``sha256`` (a sidecar another tool wrote may hold no more).
     """
 
     shard: str
     samples: int
-    classes: dict[str, int]  # the class histogram: label (as a string) -> samples
     sha256: str
-    bytes: int
-    seconds: float
-    device: str
-    index: list[list[Any]]  # per sample: key, label, confidence, seed or distance
+    classes: dict[str, int] = field(default_factory=dict)  # label (a string) -> samples
+    bytes: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    index: list[list[Any]] = field(default_factory=list)  # key, label, confidence, seed|distance
     write_retries: int = 0  # storage retries the tar write needed
     # synthesis
     planned: int | None = None
@@ -182,6 +183,12 @@ class ShardStore:
     options: dict[str, Any] | None = None
     retries: int = 0
     backoff_s: float = 1.0
+
+    @classmethod
+    def for_run(cls, run: Any, runtime: Any) -> ShardStore:
+        """The store of a run section (``run_url``, ``storage_options``) with a runtime
+        section's retry budget (``io_retries``, ``io_backoff_s``)."""
+        return cls(run.run_url, run.storage_options, runtime.io_retries, runtime.io_backoff_s)
 
     def write(self, name: str, samples: list[Sample], index_field: str, **fields: Any) -> Sidecar:
         """The tar, then the sidecar (the completion mark); both atomic and retried on

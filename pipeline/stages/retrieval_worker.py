@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
+from pipeline.execution.device import worker_device
 from pipeline.io.archives import UnsafeArchive
 from pipeline.io.pool import PoolTask, decode_or_none, stream
 from pipeline.io.shards import Sample, ShardStore, Sidecar, sample_key
@@ -99,15 +100,10 @@ class PoolWorker:
         device: str | None = None,
         threads: int | None = None,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        self.device = worker_device(device, threads)
         self.config = config
         self.retrieval = config.retrieval
-        runtime = config.runtime
-        self.store = ShardStore(
-            config.run.run_url, config.run.storage_options, runtime.io_retries, runtime.io_backoff_s
-        )
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.store = ShardStore.for_run(config.run, config.runtime)
         teacher = load_teacher(config.teacher, config.run.storage_options)
         self.model = teacher.model.to(self.device, memory_format=torch.channels_last).eval()
         self.layers = template_layers(self.model, self.retrieval.layers)

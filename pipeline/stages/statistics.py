@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import InputError
+from pipeline.execution.device import worker_device
 from pipeline.execution.executor import ActorPool
 from pipeline.io.images import ImageFolder, decode
 from pipeline.models.accuracy import normalise
@@ -174,7 +175,7 @@ class StatisticsWorker:
     """Loads the teacher; collects the sums of source chunks."""
 
     def __init__(self, config: Config, device: str | None = None, threads: int | None = None):
-        torch.set_num_threads(threads or max(1, int(config.runtime.cpus_per_worker)))
+        worker_device("cpu", threads or max(1, int(config.runtime.cpus_per_worker)))
         self.config = config
         self.teacher = load_teacher(config.teacher, config.run.storage_options)
         self.layers, self.side = feature_layers(config, self.teacher.model)

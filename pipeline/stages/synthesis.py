@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import Config, FilterConfig
+from pipeline.execution.device import worker_device
 from pipeline.execution.metrics import record_shard
 from pipeline.io.shards import Sample, ShardStore, Sidecar
 from pipeline.models.accuracy import normalise
@@ -82,15 +83,10 @@ class ShardWorker:
         device: str | None = None,
         threads: int | None = None,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        self.device = worker_device(device, threads)
         self.config = config
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         options = config.run.storage_options
-        runtime = config.runtime
-        self.store = ShardStore(
-            config.run.run_url, options, runtime.io_retries, runtime.io_backoff_s
-        )
+        self.store = ShardStore.for_run(config.run, config.runtime)
         self.teacher = load_teacher(config.teacher, options)
         self.synthesizer = build_synthesizer(
             config.synthesizer.name, self.teacher.model, config.synthesizer.params, self.device

@@ -23,6 +23,7 @@ import torch
 import pipeline
 from pipeline.config import Config
 from pipeline.errors import InputError
+from pipeline.execution.device import worker_device
 from pipeline.execution.executor import ActorPool
 from pipeline.io.pool import decode_or_none, list_pool, stream
 from pipeline.io.shards import (
@@ -162,15 +163,10 @@ class TranslationWorker:
         device: str | None = None,
         threads: int | None = None,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        device = worker_device(device, threads)
         self.config, self.statistics = config, statistics
-        options, runtime = config.run.storage_options, config.runtime
-        self.store = ShardStore(
-            config.run.run_url, options, runtime.io_retries, runtime.io_backoff_s
-        )
-        teacher = load_teacher(config.teacher, options)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.store = ShardStore.for_run(config.run, config.runtime)
+        teacher = load_teacher(config.teacher, config.run.storage_options)
         self.synthesizer = build_synthesizer(
             "impression", teacher.model, config.synthesizer.params, device
         )
