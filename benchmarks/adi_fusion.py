@@ -47,7 +47,7 @@ import torch
 from common import RESNET20, RESNET56, cpu_name
 from torch import nn
 
-from pipeline.archs import build_architecture
+from pipeline.models.archs import build_architecture
 from synthesizers import SynthesisSpec, build_synthesizer
 from synthesizers.adi import AdaptiveDeepInversionConfig
 from synthesizers.base import freeze
@@ -74,7 +74,7 @@ def load(arch: str) -> tuple[nn.Module, str]:
     path = CHECKPOINTS.get(arch)
     if path is not None and path.exists():
         from pipeline.config import TeacherConfig
-        from pipeline.teachers import load_teacher
+        from pipeline.models.teachers import load_teacher
 
         return load_teacher(TeacherConfig(arch=arch, checkpoint=str(path))).model, path.name
     torch.manual_seed(0)

@@ -39,9 +39,9 @@ import webdataset as wds
 from common import CIFAR, RESNET20, RESNET56
 
 from pipeline.config import TeacherConfig, parse_config
-from pipeline.images import decode
-from pipeline.runtime import run_job
-from pipeline.teachers import load_teacher
+from pipeline.graph import run_job
+from pipeline.io.images import decode
+from pipeline.models.teachers import load_teacher
 
 
 def main() -> None:
@@ -113,7 +113,7 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
 
 def make_seed_folders(work: Path) -> tuple[Path, Path]:
     """50 and 1 correctly classified training images per class, as class folders."""
-    from pipeline.images import open_image_folder
+    from pipeline.io.images import open_image_folder
 
     folder = open_image_folder(f"{CIFAR}/cifar10-jpeg/train").subset(80)
     teacher = load_teacher(TeacherConfig(arch="resnet56", checkpoint=str(RESNET56)))

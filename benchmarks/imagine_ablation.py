@@ -38,9 +38,9 @@ import torch
 from common import CIFAR, RESNET20, RESNET56, cpu_name
 
 from pipeline.config import TeacherConfig
-from pipeline.images import open_image_folder
-from pipeline.manifest import contact_sheet
-from pipeline.teachers import load_teacher
+from pipeline.io.images import contact_sheet, open_image_folder
+from pipeline.models.accuracy import normalise
+from pipeline.models.teachers import load_teacher
 from synthesizers import SynthesisSpec, build_synthesizer
 from synthesizers.imagine import ImagineConfig
 
@@ -132,9 +132,7 @@ def load_targets(count: int) -> torch.Tensor:
 
 
 def normaliser(config: TeacherConfig):
-    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.std).view(1, 3, 1, 1)
-    return lambda images: (images - mean) / std
+    return lambda images: normalise(images, config.mean, config.std)
 
 
 @torch.no_grad()

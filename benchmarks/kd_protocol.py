@@ -30,11 +30,11 @@ from common import CIFAR, RESNET56, cpu_name
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
 from pipeline.config import TeacherConfig, parse_config
-from pipeline.images import open_image_folder
-from pipeline.runtime import run_job
-from pipeline.shards import Sample, write_shard, write_sidecar
-from pipeline.teachers import load_teacher
-from pipeline.train import normaliser
+from pipeline.graph import run_job
+from pipeline.io.images import open_image_folder
+from pipeline.io.shards import Sample, write_shard, write_sidecar
+from pipeline.models.accuracy import normalise as normalise_images
+from pipeline.models.teachers import load_teacher
 
 TEACHER = {
     "arch": "resnet56",
@@ -45,7 +45,11 @@ DATA = str(CIFAR / "cifar10-jpeg")
 
 def write_source(root: Path, images: torch.Tensor, labels: torch.Tensor, teacher) -> str:
     """uint8 (N, 3, H, W) images as shards of 256 with the teacher's logits and sidecars."""
-    normalise = normaliser(teacher.config.mean, teacher.config.std)
+    mean, std = teacher.config.mean, teacher.config.std
+
+    def normalise(images):
+        return normalise_images(images, mean, std)
+
     with torch.no_grad():
         logits = torch.cat([teacher.model(normalise(b)) for b in images.split(256)])
     run = str(root)
@@ -75,7 +79,11 @@ def real_source(root: Path, count: int, teacher) -> str:
 def noise_source(root: Path, count: int, teacher, seed: int) -> str:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (count, 3, 32, 32), generator=generator, dtype=torch.uint8)
-    normalise = normaliser(teacher.config.mean, teacher.config.std)
+    mean, std = teacher.config.mean, teacher.config.std
+
+    def normalise(images):
+        return normalise_images(images, mean, std)
+
     with torch.no_grad():
         labels = torch.cat([teacher.model(normalise(b)).argmax(1) for b in images.split(256)])
     return write_source(root / "noise", images, labels, teacher)

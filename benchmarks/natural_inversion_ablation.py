@@ -52,10 +52,9 @@ from kd_protocol import distil
 
 from evaluation.fidelity import frechet_distance, logits_and_features, precision_recall
 from pipeline.config import TeacherConfig, parse_config
-from pipeline.images import decode, open_image_folder
-from pipeline.manifest import contact_sheet
-from pipeline.runtime import run_job
-from pipeline.teachers import load_teacher
+from pipeline.graph import run_job
+from pipeline.io.images import contact_sheet, decode, open_image_folder
+from pipeline.models.teachers import load_teacher
 from synthesizers import SynthesisSpec, build_synthesizer, get_synthesizer
 
 ROWS = {

@@ -53,11 +53,11 @@ from common import SHARED
 import seaweed
 
 from pipeline.config import parse_config
-from pipeline.plan import make_plan
-from pipeline.runtime import run_job
-from pipeline.shards import read_sidecar
-from pipeline.storage import join
-from pipeline.worker import ShardWorker
+from pipeline.graph import run_job
+from pipeline.io.shards import read_sidecar
+from pipeline.io.storage import join
+from pipeline.stages.plan import make_plan
+from pipeline.stages.synthesis import ShardWorker
 
 CHECKPOINTS = SHARED / "models" / "cifar10-resnet"
 PRODUCTION_ITERATIONS = 2000

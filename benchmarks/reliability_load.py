@@ -95,9 +95,9 @@ def actor_pids(driver: int) -> list[int]:
 
 
 def make_teacher(work: Path) -> str:
-    from pipeline.archs import build_architecture
     from pipeline.config import TeacherConfig
-    from pipeline.teachers import save_checkpoint
+    from pipeline.models.archs import build_architecture
+    from pipeline.models.teachers import save_checkpoint
 
     torch.manual_seed(0)
     model = build_architecture("resnet20", 10).train()
@@ -229,7 +229,7 @@ def verify(fs: Any, run: str) -> dict[str, Any]:
 
 
 def inspect_verify(run_url: str, options: dict[str, Any]) -> int:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     flags = [a for k, v in options.items() for a in ("--storage-option", f"{k}={v}")]
     with contextlib.redirect_stdout(io.StringIO()):

@@ -52,9 +52,9 @@ from common import CIFAR, RESNET56
 from PIL import Image, ImageFilter
 
 from pipeline.config import parse_config
-from pipeline.pool import list_pool
-from pipeline.retrieval import labeled_images, run_retrieval, split_quota, target_codes
-from pipeline.retrieval_worker import PoolWorker
+from pipeline.io.pool import list_pool
+from pipeline.stages.retrieval import labeled_images, run_retrieval, split_quota, target_codes
+from pipeline.stages.retrieval_worker import PoolWorker
 from synthesizers.impression import distance, encode, flatten
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

@@ -35,7 +35,7 @@ import torch
 from common import RESNET20, RESNET56, cpu_name
 
 from pipeline.config import TeacherConfig
-from pipeline.teachers import load_teacher
+from pipeline.models.teachers import load_teacher
 from synthesizers import SynthesisSpec
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig, batchnorm_statistics_loss
 from synthesizers.hooks import batchnorm_layers, capture_statistics

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from common import RESNET20, RESNET56, cpu_name
 from torch import nn
 
-from pipeline.archs import build_architecture
+from pipeline.models.archs import build_architecture
 from synthesizers.base import StepContext, SynthesisSpec
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
 from synthesizers.spec import PLAIN_PATH as PLAIN
@@ -86,7 +86,7 @@ def load(arch: str) -> tuple[nn.Module, str, tuple[float, ...], tuple[float, ...
     path = CHECKPOINTS.get(arch)
     if path is not None and path.exists():
         from pipeline.config import TeacherConfig
-        from pipeline.teachers import load_teacher
+        from pipeline.models.teachers import load_teacher
 
         teacher = load_teacher(TeacherConfig(arch=arch, checkpoint=str(path)))
         return (

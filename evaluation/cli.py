@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import config_command
+from pipeline.cli.arguments import config_command
 
 ACTIONS = {
     "kd": "distil a student from the teacher on the shards",
     "prune": "prune the teacher (L1 filters) and fine-tune it on the shards, per ratio",
     "scratch": "train a fresh network on the shards with hard labels only",
-    "fidelity": "teacher/independent accuracy, FID, precision/recall, diversity, t-SNE",
+    "fidelity": (
+        "teacher/independent accuracy, Fréchet distance (fd_<network>), precision/recall, "
+        "diversity, t-SNE"
+    ),
 }
 
 

@@ -3,7 +3,9 @@
 Sections ``run``, ``data``, ``teacher`` (optional: taken from the run's manifest when
 absent), ``student``, ``train``, ``prune``, ``fidelity`` and ``runtime``. Parsing reuses
 ``pipeline.config``'s ``build``/``apply_override``, so unknown keys, wrong types and
-``--set`` behave as in ``dreamshard run``. Defaults are the papers' (KD: T = 5, SGD lr 0.1,
+``--set`` behave as in ``dreamshard run``. ``run`` is ``pipeline.config.RunConfig`` itself
+(the same four fields and checks); only its default name differs (``eval``), and the
+evaluation writes ``{output}/{name}/{command}/``. Defaults are the papers' (KD: T = 5, SGD lr 0.1,
 momentum 0.9, weight decay 5e-4, batch 128, 200 epochs; pruning: 20 epochs at lr 0.001).
 """
 
@@ -14,20 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TeacherConfig, build, read_config_data
+from pipeline.config import RunConfig, TeacherConfig, build, read_config_data
 from pipeline.errors import InputError
 
-
-@dataclass
-class EvalRunConfig:
-    name: str = "eval"
-    seed: int = 0
-    output: str = "outputs"  # the evaluation writes {output}/{name}/{command}/
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError("name must be non-empty and contain no '/'")
+RUN_DEFAULTS = {"name": "eval"}  # RunConfig's other defaults (seed 0, outputs) apply
 
 
 @dataclass
@@ -55,7 +47,9 @@ class StudentConfig:
 
 
 @dataclass
-class TrainConfig:
+class StudentTrainConfig:
+    """How the student (or the pruned teacher) is trained on the shards."""
+
     epochs: int = 200
     batch_size: int = 128  # global: split over the Ray Train workers
     lr: float = 0.1
@@ -95,9 +89,32 @@ class PruneConfig:
 
 
 @dataclass
+class FidelityNetwork:
+    """An independent classifier trained on real data; unset fields are the teacher's."""
+
+    arch: str = ""
+    checkpoint: str = ""
+    name: str | None = None  # default: {arch}-{index}
+    num_classes: int | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    fuse_bn: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.arch or not self.checkpoint:
+            raise ValueError("each of networks needs arch and checkpoint")
+
+    def overrides(self) -> dict[str, Any]:
+        """The teacher fields this network sets (the rest are the teacher's)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("name")
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+@dataclass
 class FidelityConfig:
-    # independent classifiers trained on real data: [{arch, checkpoint, name?}, …]
-    networks: list[dict[str, Any]] = field(default_factory=list)
+    networks: list[FidelityNetwork] = field(default_factory=list)
     max_images: int = 2000  # synthetic and real images compared (each)
     k: int = 3  # neighbours for the precision/recall manifolds
     tsne: bool = True
@@ -105,9 +122,6 @@ class FidelityConfig:
     def __post_init__(self) -> None:
         if self.max_images < 10 or self.k < 1:
             raise ValueError("max_images must be at least 10 and k positive")
-        for network in self.networks:
-            if not isinstance(network, dict) or not {"arch", "checkpoint"} <= set(network):
-                raise ValueError("each of networks needs arch and checkpoint")
 
 
 @dataclass
@@ -125,11 +139,11 @@ class EvalRuntimeConfig:
 
 @dataclass
 class EvalConfig:
-    run: EvalRunConfig
+    run: RunConfig
     data: DataConfig
     teacher: TeacherConfig | None
     student: StudentConfig
-    train: TrainConfig
+    train: StudentTrainConfig
     prune: PruneConfig
     fidelity: FidelityConfig
     runtime: EvalRuntimeConfig
@@ -139,10 +153,10 @@ class EvalConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "run": EvalRunConfig,
+    "run": RunConfig,
     "data": DataConfig,
     "student": StudentConfig,
-    "train": TrainConfig,
+    "train": StudentTrainConfig,
     "prune": PruneConfig,
     "fidelity": FidelityConfig,
     "runtime": EvalRuntimeConfig,
@@ -168,6 +182,8 @@ def parse_eval_config(data: dict[str, Any]) -> EvalConfig:
         value = data.get(name) or {}
         if not isinstance(value, dict):
             raise InputError(f"{name}: expected a mapping of fields, got {type(value).__name__}")
+        if name == "run":
+            value = {**RUN_DEFAULTS, **value}
         sections[name] = build(cls, value, name)
     teacher = data.get("teacher")
     if teacher is not None and not isinstance(teacher, dict):

@@ -4,9 +4,11 @@
 * each independent network's accuracy on them (a different classifier trained on real
   data: a configured checkpoint, nothing is downloaded);
 * in that network's penultimate features (the classifier's input): the Fréchet distance
-  between synthetic and real test images, precision and recall with k-nearest-neighbour
-  manifolds (Kynkäänniemi et al. 2019, as NaturalInversion's Table 1), and within-class
-  diversity (mean pairwise feature distance, synthetic next to real);
+  between synthetic and real test images, named by those features (``fd_resnet20``: not
+  "FID", which means Inception-v3 features and is not comparable), precision and recall
+  with k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019, as NaturalInversion's
+  Table 1), and within-class diversity (mean pairwise feature distance, synthetic next
+  to real);
 * class balance of the synthetic set, and a t-SNE plot of real vs synthetic features.
 
 Without ``fidelity.networks`` the teacher's own features are used, and the report says so.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -29,7 +32,8 @@ from evaluation.loader import load_all
 from evaluation.report import write_report
 from pipeline.config import TeacherConfig, build
 from pipeline.errors import InputError
-from pipeline.teachers import classifier_name, load_teacher
+from pipeline.models.accuracy import accuracy, normalise
+from pipeline.models.teachers import classifier_name, load_teacher
 
 
 @torch.no_grad()
@@ -45,12 +49,10 @@ def logits_and_features(
     head = model.get_submodule(classifier_name(model))
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
-    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     logits = []
     try:
         for start in range(0, len(images), batch):
-            x = (images[start : start + batch].float() / 255.0 - mean_t) / std_t
-            logits.append(model(x))
+            logits.append(model(normalise(images[start : start + batch], mean, std)))
     finally:
         handle.remove()
     return torch.cat(logits), torch.cat(captured).double()
@@ -136,14 +138,14 @@ def independent_networks(inputs: Inputs) -> list[tuple[str, Any]]:
     spec = inputs.teacher_config
     loaded = []
     for index, entry in enumerate(inputs.config.fidelity.networks):
-        fields = {**asdict(spec), **{k: v for k, v in entry.items() if k != "name"}}
+        fields = {**asdict(spec), **entry.overrides()}
         where = f"fidelity.networks[{index}]"
         config = build(TeacherConfig, fields, where)
         try:
             network = load_teacher(config, inputs.options)
         except InputError as error:
             raise InputError(f"{where}: {error}".replace("teacher.", "")) from error
-        loaded.append((entry.get("name", f"{config.arch}-{index}"), network))
+        loaded.append((entry.name or f"{config.arch}-{index}", network))
     return loaded
 
 
@@ -175,7 +177,7 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
                 "arch": net.arch,
                 "accuracy_synthetic": _accuracy(fake_logits, fake_labels),
                 "accuracy_real": _accuracy(real_logits, real_labels),
-                "fid": frechet_distance(fake_features, real_features),
+                fd_name(net.arch): frechet_distance(fake_features, real_features),
                 **precision_recall(real_features.float(), fake_features.float(), config.fidelity.k),
                 "diversity_synthetic": diversity(fake_features, fake_labels),
                 "diversity_real": diversity(real_features, real_labels),
@@ -188,5 +190,11 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
     return results
 
 
+def fd_name(arch: str) -> str:
+    """The Fréchet distance's key, named by the network whose features it compares:
+    ``fd_resnet20``, ``fd_torchvision_resnet18``."""
+    return "fd_" + re.sub(r"[^0-9a-zA-Z]+", "_", arch).strip("_").lower()
+
+
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).double().mean().item()
+    return accuracy(logits, labels, logits.shape[1])["accuracy"]

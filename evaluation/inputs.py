@@ -13,12 +13,13 @@ import torch
 
 from evaluation.config import EvalConfig
 from evaluation.loader import ShardSet, probe, resolve_shards
-from pipeline.archs import build_architecture
+from evaluation.sources import first_sample
 from pipeline.config import TeacherConfig, build
 from pipeline.errors import InputError
-from pipeline.images import open_image_folder
-from pipeline.storage import absolute, check_writable, join
-from pipeline.teachers import Teacher, load_teacher
+from pipeline.io.images import open_image_folder
+from pipeline.io.storage import absolute, check_writable, join
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import Teacher, load_teacher
 
 log = logging.getLogger("dreamshard.evaluation")
 
@@ -59,6 +60,19 @@ def teacher_config(config: EvalConfig, shards: ShardSet) -> TeacherConfig:
     return build(TeacherConfig, teacher, "teacher (from the run's manifest)")
 
 
+def check_stored_logits(shards: ShardSet, options: dict[str, Any] | None) -> None:
+    """:class:`InputError` naming the first shard whose first sample has no ``logits.npy``
+    (only the head of each tar is read)."""
+    for shard in shards.shards:
+        sample = first_sample(shard, options)
+        if "logits.npy" not in sample:
+            raise InputError(
+                f"train.logits is stored but shard {shard.url} holds no logits.npy (sample "
+                f"{sample.get('__key__', b'?').decode()}); use train.logits=online, or "
+                "shards written with plan.store_logits"
+            )
+
+
 def prepare(config: EvalConfig, command: str, student: bool = True) -> Inputs:
     """Resolve and check every input of ``command``; nothing is written yet."""
     options = config.run.storage_options
@@ -76,8 +90,8 @@ def prepare(config: EvalConfig, command: str, student: bool = True) -> Inputs:
             f"data.shards: images are {width}x{height} but the teacher and student expect "
             f"{spec.image_size}x{spec.image_size} (teacher.image_size)"
         )
-    if config.train.logits == "stored" and command == "kd" and found["logits"] is None:
-        raise InputError("train.logits is stored but the shards hold no logits.npy; use online")
+    if config.train.logits == "stored" and command == "kd":
+        check_stored_logits(shards, options)
     if student:
         try:
             build_architecture(config.student.arch, spec.num_classes)

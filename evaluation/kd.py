@@ -1,8 +1,9 @@
 """``dreamshard eval kd`` and ``dreamshard eval scratch``: train a student on the shards.
 
 KD: Hinton's loss at temperature ``train.temperature`` against the teacher's logits, run
-online or read from the shards' ``logits.npy``, mixed with the hard labels by
-``train.alpha``. From scratch: the hard labels only. Both evaluate on the real test set
+online or read from the shards' ``logits.npy`` (see :func:`uses_stored_logits` for when
+stored logits are valid), mixed with the hard labels by ``train.alpha``. From scratch:
+the hard labels only. Both evaluate on the real test set
 every epoch and write the student, ``report.json`` and ``report.html``.
 """
 
@@ -17,10 +18,10 @@ from typing import Any
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
 from evaluation.report import comparison_rows, write_bytes, write_report
-from evaluation.training import TrainJob, evaluate_untrained, fit
-from pipeline.archs import build_architecture
-from pipeline.storage import join
-from pipeline.teachers import save_checkpoint
+from evaluation.training import TrainJob, evaluate, fit
+from pipeline.io.storage import join
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import save_checkpoint
 
 
 def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any) -> TrainJob:
@@ -56,6 +57,46 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
     return replace(job, **changes)
 
 
+def uses_stored_logits(config: EvalConfig) -> bool:
+    """Whether the KD targets are the shards' ``logits.npy`` (else the teacher is run).
+
+    Stored logits are the teacher's answer for the stored image. With ``data.augment``
+    the student sees a random crop and flip of it, and the teacher's answer for that view
+    differs (a CNN's logits change under a shift or a flip; for synthetic images, whose
+    class evidence sits where the inversion put it, often by much), so the stored logits
+    would teach the student a target for an image it never saw. Restricting augmentation
+    to what keeps the logits exact would leave only the identity. So with
+    ``train.logits: stored`` and ``data.augment: true`` the teacher, which every
+    evaluation loads anyway (from ``teacher`` or the run's manifest), is run on each
+    augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
+    stored logits are used and the teacher is not run during training. Either way a
+    ``stored`` run needs ``logits.npy`` in every shard (checked before training).
+    """
+    return config.train.logits == "stored" and not config.data.augment
+
+
+def kd_targets(config: EvalConfig, command: str) -> str:
+    """What the student is taught, in words (for the report)."""
+    if command != "kd":
+        return "hard labels only"
+    if uses_stored_logits(config):
+        return "stored logits.npy (images unaugmented)"
+    if config.train.logits == "stored":
+        return "teacher run on each augmented view (stored logits describe the unaugmented image)"
+    return "teacher run on each view the student sees"
+
+
+def student_job(inputs: Inputs, student, command: str) -> TrainJob:
+    """The :class:`TrainJob` of ``kd`` (targets per :func:`uses_stored_logits`) or
+    ``scratch`` (hard labels)."""
+    config = inputs.config
+    if command != "kd":
+        return train_job(inputs, student, 0.0)
+    stored = uses_stored_logits(config)
+    teacher = None if stored else copy.deepcopy(inputs.teacher.model)
+    return train_job(inputs, student, config.train.alpha, teacher, stored_logits=stored)
+
+
 def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
     """Train ``student.arch`` on the shards (KD, or hard labels for ``scratch``)."""
     inputs = prepare(config, command)
@@ -64,13 +105,8 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
 
     torch.manual_seed(config.run.seed)
     student = build_architecture(config.student.arch, spec.num_classes)
-    if command == "kd":
-        stored = config.train.logits == "stored"
-        teacher = None if stored else copy.deepcopy(inputs.teacher.model)
-        job = train_job(inputs, student, config.train.alpha, teacher, stored_logits=stored)
-    else:
-        job = train_job(inputs, student, 0.0)
-    before = evaluate_untrained(job)
+    job = student_job(inputs, student, command)
+    before = evaluate(job.model, job)
     model, summary = fit(
         job, config.runtime, join(inputs.output, "ray"), inputs.job_name(command), inputs.options
     )
@@ -80,18 +116,20 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         save_checkpoint(model, replace(spec, arch=config.student.arch, checkpoint=local), local)
         with open(local, "rb") as f:
             write_bytes(checkpoint, f.read(), inputs.options)
-    teacher_accuracy = evaluate_untrained(replace(job, model=inputs.teacher.model))["accuracy"]
+    teacher_accuracy = evaluate(inputs.teacher.model, job)["accuracy"]
     results = {
         "student": config.student.arch,
+        "kd_targets": kd_targets(config, command),
         "untrained_accuracy": before["accuracy"],
         "teacher_accuracy": teacher_accuracy,
         "best": summary["best"],
         "final": summary["final"],
         "per_class": dict(zip(inputs.classes, summary["per_class"], strict=True)),
         "history": summary["history"],
+        "samples_seen": summary["samples_seen"],  # per epoch, over all ranks
         "resumed_from": summary["resumed_from"],
         "checkpoint": checkpoint,
-        "shards": {"count": len(inputs.shards.shards), "samples": inputs.shards.samples},
+        "shards": inputs.shards.summary(),  # count, samples, checksums
     }
     results["comparison"] = comparison_rows(inputs, command, results)
     write_report(inputs, command, results, {"student": summary["history"]})

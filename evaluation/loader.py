@@ -8,15 +8,14 @@ them, checks every tar against its sidecar's sha256 and every member name, decod
 applies the teacher's normalisation and yields ``(image, label)`` or
 ``(image, label, logits)``.
 
-Splitting without overlap. The consumers are ``world_size`` Ray Train ranks times
-``num_workers`` DataLoader workers per rank; consumer ``c = rank * num_workers + worker``.
-With at least as many shards as consumers, the shards (in an order shuffled per epoch,
-the same on every consumer) go round-robin to consumers, and each consumer reads only its
-own shards. With fewer shards than consumers, every consumer reads every shard and keeps
-the samples whose position in the epoch's sample order is ``c`` modulo the number of
-consumers. Either way each sample is seen exactly once per epoch. Sample counts come
-from the sidecars, so :meth:`ShardDataset.batches` tells every rank, before reading
-anything, how many batches each rank gets (DDP needs the same number of steps on all).
+Splitting without overlap (:mod:`evaluation.split`). The consumers are
+``world_size`` Ray Train ranks times ``num_workers`` DataLoader workers per rank. The
+epoch's samples (shards in an order shuffled per epoch, the same on every consumer) are
+cut into contiguous ranges by sample count, so each sample is seen exactly once per
+epoch whatever the shard sizes. With ``batch_size`` the dataset yields whole batches
+(use ``DataLoader(dataset, batch_size=None, ...)``) and every rank yields exactly
+:meth:`ShardDataset.steps` of them, known before reading anything (DDP needs the same
+number of steps on all ranks).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,9 +30,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from evaluation.sources import ShardError, ShardRef, ShardSet, read_shard, resolve_shards
+from evaluation.split import Consumer, Part, part_of, steps_per_rank
 from pipeline.errors import InputError
-from pipeline.images import decode
-from pipeline.storage import redact
+from pipeline.io.images import decode
+from pipeline.io.storage import redact
+from pipeline.models.training import random_crop_flip
 
 __all__ = [
     "Consumer",
@@ -49,31 +49,15 @@ __all__ = [
 ]
 
 
-@dataclass
-class Consumer:
-    """Who reads: Ray Train rank and DataLoader worker."""
-
-    rank: int = 0
-    world_size: int = 1
-    worker: int = 0
-    num_workers: int = 1
-
-    @property
-    def index(self) -> int:
-        return self.rank * self.num_workers + self.worker
-
-    @property
-    def count(self) -> int:
-        return self.world_size * self.num_workers
-
-
 class ShardDataset(IterableDataset):
     """Samples of ``shards`` for one Ray Train rank, split over its DataLoader workers.
 
     Yields ``(image (3, H, W) float32 normalised, label)`` and, with ``logits=True``,
-    the stored teacher logits ``(K,)`` float32 as a third item. ``augment`` applies a
-    random 4-pixel-padded crop and horizontal flip. Call :meth:`set_epoch` before each
-    epoch: the shard order and the shuffle buffer are seeded by (seed, epoch).
+    the stored teacher logits ``(K,)`` float32 as a third item; with ``batch_size``, the
+    same stacked into batches ``(B, 3, H, W)``, ``(B,)``, ``(B, K)`` of the planned sizes.
+    ``augment`` applies a random 4-pixel-padded crop and horizontal flip. Call
+    :meth:`set_epoch` before each epoch: the shard order and the shuffle buffer are
+    seeded by (seed, epoch).
     """
 
     def __init__(
@@ -89,6 +73,7 @@ class ShardDataset(IterableDataset):
         augment: bool = False,
         seed: int = 0,
         storage_options: dict[str, Any] | None = None,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -102,6 +87,14 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.epoch = 0
         self.storage_options = dict(storage_options or {})
+        self.batch_size = batch_size
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if logits and augment:  # see evaluation.kd.uses_stored_logits
+            raise ValueError(
+                "stored logits describe the unaugmented image: with augment, run the "
+                "teacher on the augmented view instead of asking for logits"
+            )
 
     def __repr__(self) -> str:  # no storage secrets in logs
         return (
@@ -124,49 +117,57 @@ class ShardDataset(IterableDataset):
             random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
         return order
 
-    def assignment(self, consumer: Consumer) -> tuple[list[int], bool]:
-        """(shard indices to read, whether to stride over samples) for ``consumer``."""
-        order = self.epoch_order()
-        if len(order) >= consumer.count:
-            return order[consumer.index :: consumer.count], False
-        return order, True
+    def total(self) -> int:
+        """Samples in an epoch (from the sidecars' counts)."""
+        return sum(shard.samples for shard in self.shards)
+
+    def part(self, consumer: Consumer) -> Part:
+        """The positions and batch sizes ``consumer`` yields this epoch."""
+        return part_of(self.total(), consumer, self.batch_size)
 
     def sample_count(self, consumer: Consumer) -> int:
-        """How many samples ``consumer`` yields this epoch (from the sidecars' counts)."""
-        shards, stride = self.assignment(consumer)
-        if not stride:
-            return sum(self.shards[i].samples for i in shards)
-        total = sum(self.shards[i].samples for i in shards)
-        return len(range(consumer.index, total, consumer.count))
+        """How many samples ``consumer`` yields this epoch."""
+        return self.part(consumer).samples
 
-    def batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:
-        """Batches a DataLoader (``batch_size``, ``num_workers``) yields on ``rank`` this epoch."""
-        rank = self.rank if rank is None else rank
-        workers = max(num_workers, 1)
-        return sum(
-            -(-self.sample_count(Consumer(rank, self.world_size, w, workers)) // batch_size)
-            for w in range(workers)
-        )
+    def steps(self) -> int:
+        """Batches every rank yields this epoch (the same on all ranks; needs batch_size)."""
+        if self.batch_size is None:
+            raise ValueError("steps() needs a batch_size")
+        return steps_per_rank(self.total(), self.world_size, self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         consumer = self.consumer()
         seed = f"{self.seed}-{self.epoch}-{consumer.index}"
         generator = torch.Generator().manual_seed(random.Random(seed).getrandbits(62))
-        samples = self._samples(consumer)
+        part = self.part(consumer)
+        samples = self._samples(part)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(seed))
-        for sample, url in samples:
-            yield self._decode(sample, url, generator)
+        decoded = (self._decode(sample, url, generator) for sample, url in samples)
+        if not part.batches:
+            yield from decoded
+            return
+        for size in part.batches:
+            items = [next(decoded) for _ in range(size)]  # the counts were checked
+            yield tuple(_stacked(column) for column in zip(*items, strict=True))
 
-    def _samples(self, consumer: Consumer) -> Iterator[tuple[dict[str, bytes], str]]:
-        shards, stride = self.assignment(consumer)
-        position = 0
-        for index in shards:
+    def _samples(self, part: Part) -> Iterator[tuple[dict[str, bytes], str]]:
+        """The samples at positions ``[part.start, part.stop)`` of this epoch's sequence."""
+        offset = 0
+        for index in self.epoch_order():
             shard = self.shards[index]
-            for sample in read_shard(shard, self.storage_options):
-                if not stride or position % consumer.count == consumer.index:
-                    yield sample, shard.url
-                position += 1
+            first, last = max(part.start - offset, 0), min(part.stop - offset, shard.samples)
+            offset += shard.samples
+            if first >= last:
+                continue
+            samples = read_shard(shard, self.storage_options)
+            if len(samples) != shard.samples:
+                raise ShardError(
+                    f"{shard.url}: holds {len(samples)} samples but was counted as "
+                    f"{shard.samples}; the shard changed, rerun to recount it"
+                )
+            for sample in samples[first:last]:
+                yield sample, shard.url
 
     def _decode(
         self, sample: dict[str, bytes], url: str, generator: torch.Generator
@@ -182,7 +183,7 @@ class ShardDataset(IterableDataset):
             )
         image = torch.tensor(array).permute(2, 0, 1)  # (3, H, W) uint8
         if self.augment:
-            image = _crop_flip(image, generator)
+            image = random_crop_flip(image[None], generator)[0]
         image = (image.float() / 255.0 - self.mean) / self.std
         label = int(sample["cls"])
         if not self.logits:
@@ -191,6 +192,11 @@ class ShardDataset(IterableDataset):
             raise ShardError(f"{url}: sample {key} has no logits.npy (stored logits asked for)")
         logits = load_logits(sample["logits.npy"], f"{url}: sample {key}")
         return image, label, torch.from_numpy(logits.astype(np.float32))
+
+
+def _stacked(column: tuple) -> torch.Tensor:
+    """One batch column: images (B, 3, H, W), labels (B,) or logits (B, K)."""
+    return torch.stack([torch.as_tensor(item) for item in column])
 
 
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -205,15 +211,6 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
         yield item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def _crop_flip(image: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop from a zero-padded copy and random horizontal flip; (3, H, W)."""
-    _, height, width = image.shape
-    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
-    y, x = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    crop = padded[:, y : y + height, x : x + width]
-    return crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop
 
 
 def load_logits(data: bytes, where: str) -> np.ndarray:

@@ -26,10 +26,10 @@ from evaluation.config import EvalConfig
 from evaluation.inputs import prepare
 from evaluation.kd import train_job
 from evaluation.report import write_report
-from evaluation.training import evaluate_untrained, fit
-from pipeline.archs.resnet_cifar import BasicBlock, PadShortcut
-from pipeline.storage import join
-from pipeline.teachers import classifier_name
+from evaluation.training import evaluate, fit
+from pipeline.io.storage import join
+from pipeline.models.archs.resnet_cifar import BasicBlock, PadShortcut
+from pipeline.models.teachers import classifier_name
 
 
 def residual_stream_convs(model: nn.Module) -> list[nn.Module]:
@@ -76,7 +76,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
     spec = inputs.teacher_config
     teacher = inputs.teacher.model
     base = train_job(inputs, teacher, config.train.alpha, copy.deepcopy(teacher))
-    before = evaluate_untrained(base)
+    before = evaluate(base.model, base)
     original = size_of(teacher, spec.image_size)
     rows, curves = [], {}
     for ratio in config.prune.ratios:
@@ -92,7 +92,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
         row: dict[str, Any] = {
             "ratio": ratio,
             **size_of(pruned, spec.image_size),
-            "accuracy_pruned": evaluate_untrained(job)["accuracy"],
+            "accuracy_pruned": evaluate(job.model, job)["accuracy"],
         }
         if config.prune.epochs:
             name = inputs.job_name("prune", ratio)
@@ -104,6 +104,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
                 best=summary["best"],
                 resumed_from=summary["resumed_from"],
                 history=summary["history"],
+                samples_seen=summary["samples_seen"],
             )
             curves[f"ratio {ratio:g}"] = summary["history"]
             path = join(inputs.output, f"pruned-{ratio:g}.pt")
@@ -127,7 +128,7 @@ def _save_module(model: nn.Module, url: str, options: dict[str, Any]) -> None:
     ``load_state_dict`` helpers, or prune the architecture again at the same ratio)."""
     import io
 
-    from pipeline.storage import atomic_open
+    from pipeline.io.storage import atomic_open
 
     buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

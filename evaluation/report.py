@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from evaluation.loader import read_shard
-from pipeline.images import decode
-from pipeline.manifest import contact_sheet
-from pipeline.storage import absolute, atomic_open, filesystem, join, redact
+from pipeline.io.images import contact_sheet, decode
+from pipeline.io.storage import absolute, atomic_open, filesystem, join, redact
 
 if TYPE_CHECKING:
     from evaluation.inputs import Inputs
@@ -124,6 +123,7 @@ def write_report(
             "device": "cuda" if inputs.config.runtime.use_gpu else "cpu",
             "workers": inputs.config.runtime.num_workers,
         },
+        "shards": inputs.shards.summary(),  # says so when there are no checksums
         "results": results,
         "files": sorted(files),
     }
@@ -144,6 +144,8 @@ def render_html(report: dict[str, Any], classes: list[str]) -> str:
         f"<h1>dreamshard eval {html.escape(report['command'])}</h1>",
         f"<p>{html.escape(report['created'])} · torch {html.escape(report['environment']['torch'])}"
         f" · {report['environment']['workers']} {report['environment']['device']} worker(s)</p>",
+        f"<p>shards: {report['shards']['count']} ({report['shards']['samples']} samples); "
+        f"checksums: {html.escape(report['shards']['checksums'])}</p>",
         "<h2>Results</h2>",
         _table([{k: v for k, v in results.items() if _scalar(v)}]),
     ]

@@ -26,9 +26,12 @@ from torch.utils.data import DataLoader
 
 from evaluation.config import EvalRuntimeConfig
 from evaluation.loader import ShardDataset, ShardRef
+from evaluation.split import steps_per_rank
 from pipeline.errors import InputError
-from pipeline.storage import filesystem, protocol_of
-from pipeline.teachers import load_weights
+from pipeline.execution.executor import connect_ray
+from pipeline.io.storage import filesystem, protocol_of
+from pipeline.models.accuracy import test_accuracy
+from pipeline.models.teachers import load_weights
 
 log = logging.getLogger("dreamshard.evaluation")
 CHECKPOINT_FILE = "state.pt"
@@ -84,23 +87,10 @@ def kd_loss(
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, job: TrainJob, device: torch.device, batch: int = 500) -> dict:
-    """Top-1 and per-class accuracy of ``model`` on the job's real test set."""
-    model.eval()
+def evaluate(model: nn.Module, job: TrainJob, device: torch.device | None = None) -> dict:
+    """Top-1 and per-class accuracy of ``model`` on the job's real test set (default: CPU)."""
     images, labels = job.test
-    mean = torch.tensor(job.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(job.std, device=device).view(1, -1, 1, 1)
-    predictions = []
-    for start in range(0, len(images), batch):
-        x = (images[start : start + batch].to(device).float() / 255.0 - mean) / std
-        predictions.append(model(x).argmax(1).cpu())
-    correct = torch.cat(predictions) == labels
-    per_class = [
-        correct[labels == c].float().mean().item() if (labels == c).any() else None
-        for c in range(job.num_classes)
-    ]
-    return {"accuracy": correct.float().mean().item(), "per_class": per_class}
+    return test_accuracy(model, images, labels, job.mean, job.std, job.num_classes, device)
 
 
 def schedule_factor(job: TrainJob, epoch: int) -> float:
@@ -138,6 +128,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])  # moves its state to the device
     teacher = job.teacher.to(device).eval() if job.teacher is not None else None
+    per_worker = max(1, -(-job.batch_size // world))
     dataset = ShardDataset(
         job.shards,
         job.mean,
@@ -150,22 +141,22 @@ def train_loop(config: dict[str, Any]) -> None:
         augment=job.augment,
         seed=job.seed,
         storage_options=job.storage_options,
+        batch_size=per_worker,
     )
-    per_worker = max(1, -(-job.batch_size // world))
     for epoch in range(state["epoch"], job.epochs):
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = job.lr * schedule_factor(job, epoch)
         dataset.set_epoch(epoch)
-        # DDP needs the same number of steps everywhere: the fewest any rank has
-        steps = min(dataset.batches(per_worker, job.loader_workers, r) for r in range(world))
-        loader = DataLoader(dataset, batch_size=per_worker, num_workers=job.loader_workers)
-        loss_sum, seen = _epoch(model, teacher, loader, optimizer, job, device, steps)
+        # batches of the planned sizes: the same step count on every rank, no sample dropped
+        loader = DataLoader(dataset, batch_size=None, num_workers=job.loader_workers)
+        loss_sum, seen = _epoch(model, teacher, loader, optimizer, job, device, dataset.steps())
+        loss_sum, seen = _summed(loss_sum, seen, world, device)
         entry = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
-            "samples": seen,
+            "samples_seen": seen,  # over all ranks: the epoch's samples, each once
             "seconds": time.perf_counter() - started,
         }
         checkpoint = None
@@ -193,10 +184,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int):
     model.train()
-    loss_sum, seen = 0.0, 0
-    for step, batch in enumerate(loader):
-        if step >= steps:
-            break
+    loss_sum, seen, taken = 0.0, 0, 0
+    for batch in loader:
+        taken += 1
         images, labels = batch[0].to(device), batch[1].to(device)
         if job.stored_logits:
             targets = batch[2].to(device)
@@ -211,23 +201,25 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
         optimizer.step()
         loss_sum += loss.item() * len(labels)
         seen += len(labels)
+    if taken != steps:  # the other ranks would wait for this one forever
+        raise RuntimeError(f"the loader yielded {taken} batches, {steps} were planned")
     return loss_sum, seen
+
+
+def _summed(loss_sum: float, seen: int, world: int, device: torch.device) -> tuple[float, int]:
+    """The epoch's loss sum and sample count over all ranks."""
+    if world == 1:
+        return loss_sum, seen
+    import torch.distributed as dist
+
+    totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals[0].item(), round(totals[1].item())
 
 
 def connect(runtime: EvalRuntimeConfig):
     """Ray: already initialised, ``runtime.address`` / ``RAY_ADDRESS``, or a local cluster."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        address = runtime.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            from pipeline.runtime import start_local_ray
-
-            start_local_ray(ray)  # every server on 127.0.0.1
-    return ray
+    return connect_ray(runtime.address)
 
 
 def check_placement(runtime: EvalRuntimeConfig, resources: dict[str, float]) -> None:
@@ -264,6 +256,8 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    total = sum(shard.samples for shard in job.shards)
+    steps_per_rank(total, runtime.num_workers, 1)  # InputError before any worker starts
     ray = connect(runtime)
     check_placement(runtime, ray.cluster_resources())
     path, storage_fs = storage_for(storage_url, options)
@@ -296,13 +290,10 @@ def fit(
         "history": state["history"],
         "best": state["best"],
         "final": {"epoch": final["epoch"], "test_accuracy": final["test_accuracy"]},
+        # .get: a checkpoint from before samples_seen was recorded resumes too
+        "samples_seen": [entry.get("samples_seen") for entry in state["history"]],
         "per_class": final["per_class"],
         "resumed_from": state["resumed_from"],
         "checkpoints": result.path,
     }
     return model.eval(), summary
-
-
-def evaluate_untrained(job: TrainJob) -> dict:
-    """Test accuracy of ``job.model`` as it is (on the CPU, in this process)."""
-    return evaluate(job.model, job, torch.device("cpu"))

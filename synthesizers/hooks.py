@@ -44,13 +44,6 @@ class LayerStatistics:
         return self.sample
 
     @property
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C) per-sample E[x] and E[x²]: the raw moments that the pipeline's metadata
-        stage sums (in float64) across batches. The losses use the centred forms."""
-        mean, var = self._sample()
-        return mean, var + mean * mean
-
-    @property
     def mean(self) -> torch.Tensor:
         """(C,) channel mean over the batch."""
         return self._sample()[0].mean(dim=0)

@@ -48,7 +48,6 @@ Controls (guidance keys; the pipeline loads the config's image URLs into them):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -56,8 +55,9 @@ from torch import nn
 
 from synthesizers.attribution import gaussian_blob, grad_cam, location_loss
 from synthesizers.base import Synthesizer
-from synthesizers.discriminator import PatchDiscriminator, critic_loss
+from synthesizers.discriminator import PatchDiscriminator, build_discriminator, critic_loss
 from synthesizers.hooks import named_layers
+from synthesizers.imagine_config import ImagineConfig
 from synthesizers.imagine_support import (
     Reference,
     Statistics,
@@ -68,80 +68,10 @@ from synthesizers.imagine_support import (
     sample_statistics_distance,
 )
 from synthesizers.impression import random_crop
-from synthesizers.loop import adam
 from synthesizers.losses import cross_entropy, squared_l2_prior, total_variation
 from synthesizers.parametrisation import Parametrisation, PixelImages, normalise
 from synthesizers.registry import register
-from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
-
-
-@dataclass
-class ImagineConfig(SynthesizerConfig):
-    iterations: int = 4000  # both stages: 2,000 + 2,000
-    lr: float = 0.2  # Adam for x̂
-    compile: str = "off"  # D is rebuilt per request: a compiled step would recompile
-    adversarial_fraction: float = 0.5  # share of the iterations in stage 2
-    ce_weight: float = 1.0
-    tv_weight: float = 1e-4  # α
-    l2_weight: float = 1e-5  # β
-    feature_weight: float = 5.0  # λ
-    adversarial_weight: float = 10.0  # γ in stage 2 (0: no discriminator, one stage)
-    layers: list[str] | None = None  # Φ by module name; None: per teacher (module doc)
-    target_crop: float = 0.8  # random crop of the targets each iteration; 1 disables it
-    discriminator_lr: float = 5e-4
-    discriminator_betas: tuple[float, float] = (0.5, 0.999)  # SinGAN's
-    discriminator_width: int = 128  # Table 1
-    discriminator_blocks: int = 3  # Table 1: head + 3 blocks
-    gradient_penalty: float = 10.0  # λ_GP: the WGAN-GP paper's (the supplement gives none)
-    position: list[float] | None = None  # [x, y] blob centre, fractions of width, height
-    position_sigma: float = 0.15  # blob width, a fraction of the side
-    position_weight: float = 10.0  # ν
-    position_layer: str | None = None  # Grad-CAM layer; None: the deepest Φ layer
-    shape_image: str | None = None  # URL of the shape image (loaded by the pipeline)
-    shape_layers: list[str] | None = None  # Φ^c; None: the deepest Φ layer
-    style_image: str | None = None  # URL of the style image (loaded by the pipeline)
-    style_layers: list[str] | None = None  # Φ^s; None: Φ without the deepest layer
-    counterfactual_weight: float = 1.0  # of ‖r^q ⊙ (x^q − x̂)‖₁ (Eq. 13)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.adversarial_fraction <= 1.0:
-            raise ValueError(
-                f"adversarial_fraction must be in [0, 1], got {self.adversarial_fraction}"
-            )
-        for name in (
-            "ce_weight",
-            "tv_weight",
-            "l2_weight",
-            "feature_weight",
-            "adversarial_weight",
-            "gradient_penalty",
-            "position_weight",
-            "counterfactual_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not 0.0 < self.target_crop <= 1.0:
-            raise ValueError(f"target_crop must be in (0, 1], got {self.target_crop}")
-        if self.discriminator_lr <= 0 or self.discriminator_width < 1:
-            raise ValueError("discriminator_lr and discriminator_width must be positive")
-        if self.discriminator_blocks < 0:
-            raise ValueError(f"discriminator_blocks must be >= 0, got {self.discriminator_blocks}")
-        if self.position is not None:
-            if len(self.position) != 2:
-                raise ValueError(f"position must be [x, y], got {self.position}")
-            if not all(0.0 <= v <= 1.0 for v in self.position):
-                raise ValueError(
-                    f"position {list(self.position)} is outside the image: x and y are "
-                    "fractions of the width and height, each in [0, 1] ((0, 0) is top-left)"
-                )
-        if not 0.0 < self.position_sigma <= 1.0:
-            raise ValueError(f"position_sigma must be in (0, 1], got {self.position_sigma}")
-        if self.shape_image and self.style_image:
-            raise ValueError("give shape_image or style_image, not both")
-        for name in ("layers", "shape_layers", "style_layers"):
-            if getattr(self, name) is not None and not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty list of module names, or null")
+from synthesizers.spec import Stage, StepContext, SynthesisSpec
 
 
 @register("imagine")
@@ -243,7 +173,9 @@ class Imagine(Synthesizer):
         self.crop_rng = random.Random(f"imagine-target-crop:{spec.seed}")
         self.discriminator = None
         if any(stage.name == "adversarial" for stage in self.stages()):
-            self.discriminator = self._discriminator(spec)
+            self.discriminator, self.critic_optimizer = build_discriminator(
+                spec.image_shape, spec.seed, self.config, self.device
+            )
 
     def _references(
         self, g: dict[str, Any], shape: tuple[int, int, int], targets: torch.Tensor
@@ -294,27 +226,6 @@ class Imagine(Synthesizer):
         else:
             self.references = [Reference("target", self._normalise(targets), self.phi, rows)]
             self.real = targets
-
-    def _discriminator(self, spec: SynthesisSpec) -> PatchDiscriminator:
-        c = self.config
-        size = min(spec.image_shape[1:])
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # its weights leave x̂'s stream alone
-            torch.manual_seed(spec.seed + 1)
-            network = PatchDiscriminator(
-                spec.image_shape[0], c.discriminator_width, c.discriminator_blocks
-            )
-        if size <= network.receptive_field:
-            raise ValueError(
-                f"{size}-pixel images are too small for a {c.discriminator_blocks}-block patch "
-                f"discriminator (receptive field {network.receptive_field}); lower "
-                "discriminator_blocks"
-            )
-        network.to(self.device).train().requires_grad_(False)  # trained in after_step only
-        self.critic_optimizer = adam(
-            list(network.parameters()), c.discriminator_lr, c.discriminator_betas, c.fused_optimizer
-        )
-        return network
 
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")

@@ -38,9 +38,9 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     dreamshard checkpoint (small and fast: the real thing, untrained)."""
     import torch
 
-    from pipeline.archs import build_architecture
     from pipeline.config import TeacherConfig
-    from pipeline.teachers import save_checkpoint
+    from pipeline.models.archs import build_architecture
+    from pipeline.models.teachers import save_checkpoint
 
     torch.manual_seed(0)
     model = build_architecture("resnet20", 10)

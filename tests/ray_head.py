@@ -106,7 +106,7 @@ def wait_ready(head: RayHead, deadline: float) -> None:
     """Until the job agent accepts a job (it answers a few seconds after the dashboard)."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.submit import auth_headers
+    from pipeline.cluster.submit import auth_headers
 
     last = "no answer"
     while time.monotonic() < deadline:

@@ -12,7 +12,7 @@ import torch
 from test_synthesizers import spec, tiny_teacher
 from torch import nn
 
-from pipeline.archs import build_architecture
+from pipeline.models.archs import build_architecture
 from synthesizers import SynthesisResult, build_synthesizer
 from synthesizers.adi import (
     AdaptiveDeepInversion,

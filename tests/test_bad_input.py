@@ -32,8 +32,8 @@ import yaml
 from PIL import Image
 from tests_support import config_dict
 
-from pipeline.archs import build_architecture
-from pipeline.cli import main
+from pipeline.cli.main import main
+from pipeline.models.archs import build_architecture
 
 REPO = Path(__file__).resolve().parents[1]
 CC = {"name": "class-conditional", "iterations": 2}
@@ -723,7 +723,7 @@ def test_the_catalogue_holds_at_least_25_distinct_cases() -> None:
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
-    from pipeline.images import decode
+    from pipeline.io.images import decode
 
     values = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 … 61,380
     rgb = decode(encoded(Image.fromarray(values)), "grey16.png")

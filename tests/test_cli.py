@@ -13,8 +13,8 @@ import torch
 import yaml
 from tests_support import config_dict
 
-from pipeline.archs import build_architecture
-from pipeline.cli import main
+from pipeline.cli.main import main
+from pipeline.models.archs import build_architecture
 
 
 def write_config(tmp_path: Path, checkpoint: str, **sections) -> Path:

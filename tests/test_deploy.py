@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import REPO, SHARED, shared
 
-from pipeline.cli import build_parser
+from pipeline.cli.main import build_parser
 from pipeline.config import parse_config
 
 DEPLOY = REPO / "deploy"

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.config import load_eval_config, parse_eval_config
+from evaluation.config import (
+    FidelityNetwork,
+    StudentTrainConfig,
+    load_eval_config,
+    parse_eval_config,
+)
+from pipeline.config import RunConfig
 from pipeline.errors import InputError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml"))
@@ -42,3 +48,23 @@ def test_defaults_are_the_papers() -> None:
 def test_bad_fields_are_named(data: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         parse_eval_config(data)
+
+
+def test_run_is_the_pipelines_run_config_and_networks_are_typed() -> None:
+    config = parse_eval_config(
+        {
+            "data": {"shards": "r"},
+            "fidelity": {"networks": [{"arch": "resnet56", "checkpoint": "n.pt", "name": "n"}]},
+        }
+    )
+    assert type(config.run) is RunConfig and config.run.name == "eval"  # its own default
+    assert isinstance(config.train, StudentTrainConfig)
+    (network,) = config.fidelity.networks
+    assert network == FidelityNetwork(arch="resnet56", checkpoint="n.pt", name="n")
+    assert network.overrides() == {"arch": "resnet56", "checkpoint": "n.pt"}
+    with pytest.raises(InputError, match=r"fidelity.networks\[0\]: each of networks needs"):
+        parse_eval_config({"data": {"shards": "r"}, "fidelity": {"networks": [{"arch": "x"}]}})
+    with pytest.raises(InputError, match=r"unknown key fidelity.networks\[0\].depth"):
+        parse_eval_config(
+            {"data": {"shards": "r"}, "fidelity": {"networks": [{"arch": "x", "depth": 2}]}}
+        )

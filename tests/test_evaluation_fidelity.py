@@ -11,8 +11,14 @@ import torch
 import yaml
 from evaluation_support import write_shards, write_test_folder
 
-from evaluation.fidelity import class_balance, diversity, frechet_distance, precision_recall
-from pipeline.cli import main
+from evaluation.fidelity import (
+    class_balance,
+    diversity,
+    fd_name,
+    frechet_distance,
+    precision_recall,
+)
+from pipeline.cli.main import main
 
 
 def test_frechet_distance_matches_the_closed_form_for_shifted_gaussians() -> None:
@@ -22,6 +28,11 @@ def test_frechet_distance_matches_the_closed_form_for_shifted_gaussians() -> Non
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     # identity vs 4·identity covariance, means 0 and 1: 3·1² + 3·(1 + 4 − 2·2) = 6
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+
+
+def test_the_frechet_distance_is_named_by_its_features() -> None:
+    assert fd_name("resnet20") == "fd_resnet20"
+    assert fd_name("torchvision:ResNet18") == "fd_torchvision_resnet18"
 
 
 def test_precision_recall_diversity_and_balance() -> None:
@@ -72,7 +83,8 @@ def test_fidelity_command_reports_every_metric(
     assert row["network"] == "independent"
     for key in ("accuracy_synthetic", "accuracy_real", "precision", "recall"):
         assert 0.0 <= row[key] <= 1.0
-    assert row["fid"] > 0 and row["diversity_synthetic"] > 0
+    assert row["fd_resnet20"] > 0 and row["diversity_synthetic"] > 0
+    assert not any("fid" in key for key in row)  # named by its features, never "FID"
     page = (output / "report.html").read_text()
     for name in re.findall(r"(?:src|href)='([^']+)'", page):
         assert (output / name).is_file(), name

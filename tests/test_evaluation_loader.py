@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from evaluation_support import write_plain_shards
 from torch.utils.data import DataLoader
 
 from evaluation.loader import ShardDataset, ShardError, load_all, read_shard, resolve_shards
+from evaluation.split import Consumer, part_of
 from pipeline.errors import InputError
-from pipeline.shards import Sample, write_shard
+from pipeline.io.shards import Sample, write_tar
 
 
 def write_run(root: Path, sizes: list[int], image_size: int = 8, logits: bool = True) -> Path:
@@ -31,45 +33,92 @@ def write_run(root: Path, sizes: list[int], image_size: int = 8, logits: bool = 
             samples.append(Sample(f"{index:06d}-{slot:05d}", image, position, {}, scores))
             position += 1
         url = str(shards / f"train-{index:06d}.tar")
-        sha256, _ = write_shard(url, samples)
+        sha256, _ = write_tar(url, samples)
         sidecar = {"sha256": sha256, "samples": size, "shard": f"train-{index:06d}"}
         (shards / f"train-{index:06d}.json").write_text(json.dumps(sidecar))
     return root
 
 
-def labels_seen(shards, world_size: int, workers: int, epoch: int) -> tuple[Counter, list[int]]:
+def labels_seen(
+    shards, world_size: int, workers: int, epoch: int, batch_size: int = 3
+) -> tuple[Counter, list[int]]:
+    """Labels yielded over all ranks, and each rank's batch count."""
     seen: Counter = Counter()
     batches = []
     for rank in range(world_size):
         dataset = ShardDataset(
-            shards, (0.0,) * 3, (1.0,) * 3, rank=rank, world_size=world_size, shuffle_buffer=7
+            shards,
+            (0.0,) * 3,
+            (1.0,) * 3,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=7,
+            batch_size=batch_size,
         )
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=3, num_workers=workers)
         count = 0
-        for _, labels in loader:
+        for images, labels in DataLoader(dataset, batch_size=None, num_workers=workers):
+            assert len(images) == len(labels) <= batch_size + 1
             seen.update(labels.tolist())
             count += 1
-        assert count == dataset.batches(3, workers)  # known before reading
+        assert count == dataset.steps()  # known before reading
         batches.append(count)
     return seen, batches
 
 
-@pytest.mark.parametrize("sizes", [[5, 6, 4, 7, 5, 3], [9, 8]], ids=["by-shard", "by-sample"])
-def test_two_ranks_times_two_workers_see_every_sample_exactly_once(
-    tmp_path: Path, sizes: list[int]
+@pytest.mark.parametrize(
+    ("sizes", "world_size", "workers", "batch_size"),
+    [
+        ([8, 8, 4], 2, 1, 8),
+        ([8, 8, 4], 2, 2, 3),
+        ([5, 6, 4, 7, 5, 3], 2, 2, 3),
+        ([9, 8], 3, 2, 2),
+        ([7], 2, 1, 1),  # per-rank batch of one, uneven: one batch of two
+        ([3, 3, 3], 2, 2, 8),  # more workers than a rank has batches
+    ],
+    ids=["8-8-4", "8-8-4-workers", "six-shards", "few-shards", "batch-1", "idle-workers"],
+)
+def test_every_sample_once_per_epoch_with_equal_steps_on_every_rank(
+    tmp_path: Path, sizes: list[int], world_size: int, workers: int, batch_size: int
 ) -> None:
     shards = resolve_shards(str(write_run(tmp_path, sizes) / "shards")).shards
-    total = sum(sizes)
+    for epoch in (0, 1):
+        seen, batches = labels_seen(shards, world_size, workers, epoch, batch_size)
+        assert seen == Counter(range(sum(sizes)))  # every sample, exactly once
+        assert len(set(batches)) == 1  # DDP: the same number of steps on every rank
+
+
+def test_the_split_plan_covers_every_position_once() -> None:
+    for total in range(1, 40):
+        for world_size in range(1, min(total, 4) + 1):
+            for workers in (1, 2, 3):
+                for batch_size in (None, 1, 2, 5):
+                    positions, steps = [], set()
+                    for rank in range(world_size):
+                        parts = [
+                            part_of(total, Consumer(rank, world_size, w, workers), batch_size)
+                            for w in range(workers)
+                        ]
+                        for part in parts:
+                            positions += range(part.start, part.stop)
+                            assert batch_size is None or sum(part.batches) == part.samples
+                            assert all(0 < size <= (batch_size or 1) + 1 for size in part.batches)
+                        steps.add(sum(len(part.batches) for part in parts))
+                    assert positions == list(range(total))
+                    assert len(steps) == 1
+    with pytest.raises(InputError, match="3 sample.* cannot be split over 4 Ray Train workers"):
+        part_of(3, Consumer(0, 4), 2)
+
+
+def test_shuffled_differently_per_epoch(tmp_path: Path) -> None:
+    shards = resolve_shards(str(write_run(tmp_path, [5, 6, 4]) / "shards")).shards
     orders = []
     for epoch in (0, 1):
-        seen, _ = labels_seen(shards, world_size=2, workers=2, epoch=epoch)
-        assert seen == Counter(range(total))  # every sample, exactly once
         dataset = ShardDataset(shards, (0.0,) * 3, (1.0,) * 3, shuffle_buffer=7)
         dataset.set_epoch(epoch)
         orders.append([label for _, label in dataset])
-    assert sorted(orders[0]) == sorted(orders[1]) == list(range(total))
-    assert orders[0] != orders[1] != list(range(total))  # shuffled, differently per epoch
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(15))
+    assert orders[0] != orders[1] != list(range(15))  # shuffled, differently per epoch
 
 
 def test_images_are_normalised_and_stored_logits_round_trip(tmp_path: Path) -> None:
@@ -138,7 +187,7 @@ def test_unsafe_members_and_wrong_image_sizes_are_refused(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_a_real_run_on_s3_streams_through_its_manifest(make_config, s3_server) -> None:
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     bucket = s3_server.make_bucket()
     options = s3_server.storage_options()
@@ -153,3 +202,27 @@ def test_a_real_run_on_s3_streams_through_its_manifest(make_config, s3_server) -
     )
     labels = [int(label) for _, label, logits in dataset if logits.shape == (10,)]
     assert sorted(labels) == sorted(c for c in range(10) for _ in range(4 if c < 2 else 3))
+
+
+def test_plain_webdataset_shards_are_counted_and_read_unverified(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    folder = write_plain_shards(tmp_path / "plain", [5, 3], size=8)
+    shards = resolve_shards(str(folder))  # no sidecars, no --allow-incomplete needed
+    assert [s.samples for s in shards.shards] == [5, 3]  # counted by a first pass
+    assert all(s.sha256 is None for s in shards.shards)
+    assert "none for 2 of 2 shards" in shards.summary()["checksums"]
+    assert "no checksums" in caplog.text
+    dataset = ShardDataset(shards.shards, (0.0,) * 3, (1.0,) * 3, image_size=8, batch_size=3)
+    labels = [label for _, batch in dataset for label in batch.tolist()]
+    assert sorted(labels) == sorted(p % 10 for p in range(8))
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": []}
+    for name, count in (("real-0000.tar", 5), ("real-0001.tar", 3)):
+        index["shardlist"].append({"url": f"https://example.org/{name}", "nsamples": count})
+    (folder / "index.json").write_text(json.dumps(index))
+
+    def no_first_pass(url, options=None):
+        raise AssertionError(f"{url} was opened although the wids index counts it")
+
+    monkeypatch.setattr("evaluation.sources.count_samples", no_first_pass)
+    assert [s.samples for s in resolve_shards(str(folder / "real-*.tar")).shards] == [5, 3]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evaluation.prune import prune_model, residual_stream_convs
-from pipeline.archs import build_architecture
+from pipeline.models.archs import build_architecture
 
 
 def test_option_a_resnet_keeps_its_residual_stream_and_the_highest_l1_filters() -> None:

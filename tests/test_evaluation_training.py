@@ -16,9 +16,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from evaluation_support import write_shards, write_test_folder
+from evaluation_support import (
+    write_plain_shards,
+    write_shards,
+    write_sized_shards,
+    write_test_folder,
+)
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +96,43 @@ def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
     assert main(["teacher", "eval", *student]) == 0  # the saved student is the final one
     accuracy = last_json(capsys.readouterr().out)["accuracy"]
     assert accuracy == pytest.approx(results["final"]["test_accuracy"])
+
+
+def test_uneven_shards_lose_no_sample_on_two_workers(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    # 3 shards of 8, 8 and 4 samples on 2 Ray Train workers: every sample, every epoch;
+    # stored logits with augmentation: the teacher is taught on the augmented views
+    shards = write_sized_shards(tmp_path / "uneven", [8, 8, 4])
+    config = eval_config(
+        tmp_path,
+        {"shards": shards, "test": data["test"]},
+        teacher_checkpoint,
+        train={"epochs": 2, "batch_size": 6, "logits": "stored"},
+        data={"loader_workers": 2, "shuffle_buffer": 5, "augment": True},
+    )
+    assert main(["eval", "kd", str(config)]) == 0
+    report = json.loads((tmp_path / "eval" / "tiny" / "kd" / "report.json").read_text())
+    results = report["results"]
+    assert results["samples_seen"] == [20, 20]
+    assert [e["samples_seen"] for e in results["history"]] == [20, 20]
+    assert results["kd_targets"].startswith("teacher run on each augmented view")
+
+
+def test_kd_on_plain_webdataset_shards_says_they_have_no_checksums(
+    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, caplog
+) -> None:
+    # tars written by webdataset's TarWriter (png + cls), no sidecars, no manifest
+    plain = write_plain_shards(tmp_path / "baseline", [12, 9])
+    config = eval_config(tmp_path, {"shards": plain, "test": data["test"]}, teacher_checkpoint)
+    assert main(["eval", "kd", str(config)]) == 0
+    report = json.loads((tmp_path / "eval" / "tiny" / "kd" / "report.json").read_text())
+    assert report["shards"]["count"] == 2 and report["shards"]["samples"] == 21
+    assert report["shards"]["checksums"].startswith("none for 2 of 2 shards")
+    assert report["results"]["samples_seen"] == [21]
+    assert "no checksums" in caplog.text
+    page = (tmp_path / "eval" / "tiny" / "kd" / "report.html").read_text()
+    assert "checksums: none for 2 of 2 shards" in page
 
 
 def worker_pids() -> list[int]:

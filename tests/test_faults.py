@@ -34,10 +34,11 @@ import yaml
 from PIL import Image
 from tests_support import config_dict
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import parse_config
-from pipeline.plan import make_plan
-from pipeline.runtime import RunFailed, run_job
+from pipeline.execution.executor import RunFailed
+from pipeline.graph import run_job
+from pipeline.stages.plan import make_plan
 from synthesizers import SYNTHESIZERS, SynthesisResult, SynthesisSpec
 from synthesizers.deepinversion import DeepInversion
 
@@ -174,8 +175,8 @@ def test_a_nonfinite_batch_is_retried_with_a_new_seed_recorded_and_never_written
 
 
 def test_the_poison_really_makes_the_batch_nonfinite(poisoned, make_config) -> None:
-    from pipeline.teachers import load_teacher
-    from pipeline.worker import finite
+    from pipeline.models.teachers import load_teacher
+    from pipeline.stages.synthesis import finite
 
     config = make_config(synthesizer={"name": "poisoned", "iterations": 2})
     teacher = load_teacher(config.teacher).model
@@ -509,7 +510,7 @@ def test_only_transient_storage_errors_are_retried_within_a_bounded_budget() -> 
     import botocore.exceptions
 
     from pipeline.errors import InputError
-    from pipeline.storage import StorageUnavailable, is_transient, with_retries
+    from pipeline.io.retries import StorageUnavailable, is_transient, with_retries
 
     server_error = botocore.exceptions.ClientError(
         {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}, "Put"

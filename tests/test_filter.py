@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import RESNET20, shared
 
-from pipeline.archs import build_architecture
 from pipeline.config import FilterConfig, TeacherConfig
-from pipeline.runtime import run_job
-from pipeline.teachers import load_teacher, save_checkpoint
-from pipeline.worker import accepted
+from pipeline.graph import run_job
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import load_teacher, save_checkpoint
+from pipeline.stages.synthesis import accepted
 from synthesizers import SynthesisResult
 
 

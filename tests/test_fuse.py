@@ -9,11 +9,11 @@ import torchvision
 from conftest import CIFAR_TAR, RESNET20, shared
 from torch import nn
 
-from pipeline.archs import build_architecture
 from pipeline.config import TeacherConfig
-from pipeline.images import open_image_folder
-from pipeline.teachers import load_teacher
-from pipeline.train import normaliser
+from pipeline.io.images import open_image_folder
+from pipeline.models.accuracy import normalise
+from pipeline.models.archs import build_architecture
+from pipeline.models.teachers import load_teacher
 from synthesizers import build_synthesizer
 from synthesizers.deepinversion import DeepInversionConfig
 from synthesizers.fuse import fuse_batchnorm, fusion_plan
@@ -164,7 +164,7 @@ def test_shared_pretrained_resnet20_fuses_with_the_same_logits() -> None:
     teacher = load_teacher(config).model
     folder = open_image_folder(f"{shared(CIFAR_TAR)}/cifar10-jpeg/test").subset(5)
     images, labels = folder.load()  # (50, 3, 32, 32) uint8
-    inputs = normaliser(config.mean, config.std)(images)
+    inputs = normalise(images, config.mean, config.std)
     fused = fuse_batchnorm(teacher)
     assert batchnorm_layers(fused) == [] and len(conv_layers(fused)) == 19
     assert_same_logits(teacher, fused, inputs)

@@ -11,7 +11,7 @@ from conftest import CIFAR_TAR, shared
 from PIL import Image
 
 from pipeline.errors import InputError
-from pipeline.images import decode, open_image_folder
+from pipeline.io.images import decode, open_image_folder
 
 CLASSES = ["zebra", "ant", "moth"]
 

@@ -15,7 +15,7 @@ from PIL import Image
 from test_synthesizers import MEAN, STD, graph_holders, tiny_teacher
 from torch import nn
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from synthesizers import SynthesisSpec, build_synthesizer
 from synthesizers.attribution import centroid, gaussian_blob, grad_cam
 from synthesizers.discriminator import (
@@ -179,7 +179,7 @@ def test_the_gradient_penalty_is_taken_on_interpolates() -> None:
 
 def test_default_layers_follow_the_paper_mapping() -> None:
     torchvision = pytest.importorskip("torchvision")
-    from pipeline.archs import build_architecture
+    from pipeline.models.archs import build_architecture
 
     assert default_layers(torchvision.models.resnet50()) == [
         "conv1",
@@ -321,7 +321,7 @@ def written(run: Path) -> list[dict]:
 
 
 def test_an_image_guided_run_links_every_sample_to_its_target(make_config, tmp_path) -> None:
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     paths = save_targets(tmp_path / "targets", 3)
     grey = tmp_path / "shape.png"
@@ -342,7 +342,7 @@ def test_an_image_guided_run_links_every_sample_to_its_target(make_config, tmp_p
 
 
 def test_targets_spread_over_two_ray_actors(make_config, tmp_path, ray_cluster) -> None:
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     paths = save_targets(tmp_path / "targets", 4)
     sections = imagine_sections(tmp_path / "targets", position=[0.3, 0.6])

@@ -175,7 +175,7 @@ def test_cli_translate_writes_translated_shards(teacher_checkpoint, tmp_path, ca
     import webdataset as wds
     from PIL import Image
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     rng = np.random.default_rng(0)
     for folder, count in (("source", 6), ("target", 4)):

@@ -13,12 +13,12 @@ import webdataset as wds
 from conftest import CIFAR_TAR, RESNET20, shared
 from PIL import Image
 
-from pipeline import metadata as metadata_stage
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import InputError
-from pipeline.metadata import ensure_metadata, load_metadata
-from pipeline.runtime import run_job
-from pipeline.teachers import load_teacher
+from pipeline.graph import run_job
+from pipeline.models.teachers import load_teacher
+from pipeline.stages import metadata as metadata_stage
+from pipeline.stages.metadata import ensure_metadata, load_metadata
 from synthesizers.hooks import batchnorm_layers, capture_statistics
 
 CC = {"name": "class-conditional", "iterations": 2}
@@ -95,7 +95,7 @@ def test_scenario_a_matches_direct_statistics_and_is_reused(
 def cifar_seeds() -> dict:
     """Five CIFAR-10 (JPEG) test images per class and the shared ResNet-20's view of them."""
     from pipeline.config import TeacherConfig
-    from pipeline.images import open_image_folder
+    from pipeline.io.images import open_image_folder
 
     folder = open_image_folder(f"{shared(CIFAR_TAR)}/cifar10-jpeg/test").subset(5)
     images, labels = folder.load()

@@ -13,9 +13,9 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import InputError
-from pipeline.plan import make_plan
-from pipeline.runtime import run_job
-from pipeline.worker import ShardWorker
+from pipeline.graph import run_job
+from pipeline.stages.plan import make_plan
+from pipeline.stages.synthesis import ShardWorker
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_adi_student_learns_from_accepted_images_between_batches(make_config) ->
 
 
 def test_adi_student_from_the_registry(make_config) -> None:
-    from pipeline.archs.resnet_cifar import CifarResNet
+    from pipeline.models.archs.resnet_cifar import CifarResNet
 
     config = make_config(synthesizer={"name": "adi", "iterations": 1, "student_arch": "resnet20"})
     worker = ShardWorker(config, "unused")

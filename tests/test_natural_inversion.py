@@ -15,10 +15,10 @@ import yaml
 from test_synthesizers import spec, tiny_teacher
 from tests_support import config_dict
 
-from pipeline.archs import build_architecture
-from pipeline.cli import main
-from pipeline.manifest import inspect_run
-from pipeline.shards import read_sidecar
+from pipeline.cli.main import main
+from pipeline.io.shards import Sidecar
+from pipeline.models.archs import build_architecture
+from pipeline.stages.manifest import inspect_run
 from synthesizers import build_synthesizer
 from synthesizers.adi import SmallStudent
 from synthesizers.feature_pyramid import FeatureTransferPyramid, find_pyramid, tap_outputs
@@ -296,4 +296,4 @@ def test_two_iterations_through_dreamshard_run_write_valid_shards(
     assert report["complete"] and report["corrupt"] == [] and report["totals"]["images"] == 16
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config"]["synthesizer"]["acs"] is False
-    assert read_sidecar(str(run), "train-000000")["samples"] == 8
+    assert Sidecar.read(str(run), "train-000000").samples == 8

@@ -18,22 +18,30 @@ import yaml
 from seaweed import S3Server
 from tests_support import config_dict
 
-from pipeline import nightly
-from pipeline.cli import main
+from pipeline.cli.main import main
+from pipeline.cluster.nightly import clean_runs
+from pipeline.config import resolution, resolve_name
 from pipeline.errors import InputError
-from pipeline.nightly import clean_runs, resolve_name
-from pipeline.runtime import Progress, run_job
+from pipeline.execution.progress import Progress
+from pipeline.graph import run_job
+from pipeline.io.shards import Sidecar
 
 UTC = dt.timezone.utc
 
 
-def stats(samples: int = 16, synthesized: int = 32) -> dict:
-    return {
-        "samples": samples,
-        "synthesized": synthesized,
-        "seconds": 2.0,
-        "synthesis_seconds": 1.5,
-    }
+def stats(samples: int = 16, synthesized: int = 32) -> Sidecar:
+    return Sidecar(
+        shard="train-000000",
+        samples=samples,
+        classes={},
+        sha256="",
+        bytes=0,
+        seconds=2.0,
+        device="cpu",
+        index=[],
+        synthesized=synthesized,
+        synthesis_seconds=1.5,
+    )
 
 
 class Clock:
@@ -89,7 +97,7 @@ def write_config(tmp_path: Path, checkpoint: str, **sections) -> Path:
 
 
 def at(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
-    monkeypatch.setattr(nightly, "utc_now", lambda: dt.datetime.fromisoformat(when))
+    monkeypatch.setattr(resolution, "utc_now", lambda: dt.datetime.fromisoformat(when))
 
 
 def test_a_dated_run_resumes_the_same_night_and_starts_afresh_the_next(
@@ -196,7 +204,7 @@ def test_clean_on_s3(s3_server: S3Server, make_config) -> None:
 def test_metrics_calls_do_nothing_outside_ray() -> None:
     """In a fresh process (this one may host the tests' Ray): no error, Ray not started."""
     code = (
-        "import ray; from pipeline.metrics import record_failure, record_shard; "
+        "import ray; from pipeline.execution.metrics import record_failure, record_shard; "
         "record_shard({'synthesized': 4, 'accepted': 0, 'seconds': 1, 'synthesis_seconds': 1},"
         " 'run', 'deepinversion'); record_failure('run', 'deepinversion'); "
         "assert not ray.is_initialized(); print('ok')"

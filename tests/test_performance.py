@@ -194,7 +194,7 @@ def test_config_validates_the_switches() -> None:
 
 
 def test_worker_hands_the_filter_threshold_to_the_synthesizer(make_config) -> None:
-    from pipeline.worker import ShardWorker
+    from pipeline.stages.synthesis import ShardWorker
 
     on = make_config(filter={"enabled": True, "min_confidence": 0.7})
     assert ShardWorker(on, "unused").spec([0, 1], 3).min_confidence == 0.7

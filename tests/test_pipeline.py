@@ -17,10 +17,11 @@ from tests_support import config_dict
 
 from pipeline.config import parse_config
 from pipeline.errors import InputError
-from pipeline.plan import derive_seed, make_plan
-from pipeline.runtime import RunFailed, run_job
-from pipeline.shards import shard_sha256
-from pipeline.worker import ShardWorker
+from pipeline.execution.executor import RunFailed
+from pipeline.graph import run_job
+from pipeline.io.shards import shard_sha256
+from pipeline.stages.plan import derive_seed, make_plan
+from pipeline.stages.synthesis import ShardWorker
 
 
 def shard_files(run: Path) -> list[Path]:
@@ -217,14 +218,6 @@ def test_ray_retries_a_failing_shard_then_fails_clearly_and_resumes(
     assert run_job(config)["totals"]["images"] == 48
 
 
-class FakeRay:
-    def __init__(self, resources: dict[str, float]) -> None:
-        self.resources = resources
-
-    def cluster_resources(self) -> dict[str, float]:
-        return self.resources
-
-
 @pytest.mark.parametrize(
     ("resources", "runtime", "options", "count"),
     [
@@ -243,8 +236,6 @@ class FakeRay:
 def test_actors_use_gpus_only_when_the_cluster_has_them(
     make_config, resources: dict, runtime: dict, options: dict, count: int
 ) -> None:
-    from pipeline.runtime import RayExecutor
+    from pipeline.execution.executor import actor_resources
 
-    executor = RayExecutor(make_config(runtime=runtime), "unused")
-    executor.ray = FakeRay(resources)
-    assert executor.actor_options() == (options, count)
+    assert actor_resources(resources, make_config(runtime=runtime).runtime) == (options, count)

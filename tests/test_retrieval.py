@@ -16,13 +16,13 @@ import webdataset as wds
 from conftest import CIFAR_TAR, RESNET20, shared
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import parse_config
 from pipeline.errors import InputError
-from pipeline.pool import list_pool, stream
-from pipeline.retrieval import run_retrieval
-from pipeline.retrieval_worker import PoolWorker, TopK
-from pipeline.storage import register_webdataset_opener
+from pipeline.io.pool import list_pool, stream
+from pipeline.io.storage import register_webdataset_opener
+from pipeline.stages.retrieval import run_retrieval
+from pipeline.stages.retrieval_worker import PoolWorker, TopK
 from synthesizers.impression import distance, encode, flatten, template_layers
 
 
@@ -189,7 +189,7 @@ def test_streamed_selection_equals_scoring_the_whole_pool_at_once(
         [np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)) for a in arrays]
     )
     layers = template_layers(worker.model)
-    from pipeline.retrieval import labeled_images, target_codes
+    from pipeline.stages.retrieval import labeled_images, target_codes
 
     targets = target_codes(worker.model, config, layers, *labeled_images(config))
     worker.targets = targets

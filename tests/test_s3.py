@@ -83,7 +83,7 @@ def read_with_webdataset(manifest: dict) -> list[dict]:
     """Every sample through the ``webdataset`` library (the environment names the server)."""
     import webdataset as wds
 
-    from pipeline.storage import register_webdataset_opener
+    from pipeline.io.storage import register_webdataset_opener
 
     register_webdataset_opener()
     urls = [entry["url"] for entry in manifest["shards"]]
@@ -144,7 +144,7 @@ def check_run(server: S3Server, bucket: str, manifest: dict) -> list[dict]:
 
 
 def test_inline_run_writes_a_complete_run_to_s3(make_config, s3_server, s3_env):
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     bucket = s3_server.make_bucket()
     manifest = run_job(s3_run_config(make_config, s3_server, bucket))
@@ -153,7 +153,7 @@ def test_inline_run_writes_a_complete_run_to_s3(make_config, s3_server, s3_env):
 
 @pytest.mark.timeout(600)
 def test_ray_data_reads_the_shards_from_s3(make_config, s3_server, ray_cluster):
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     bucket = s3_server.make_bucket()
     manifest = run_job(s3_run_config(make_config, s3_server, bucket))
@@ -173,7 +173,7 @@ def test_ray_data_reads_the_shards_from_s3(make_config, s3_server, ray_cluster):
 
 @pytest.mark.timeout(600)
 def test_ray_executor_writes_a_complete_run_to_s3(make_config, s3_server, s3_env, ray_cluster):
-    from pipeline.runtime import run_job
+    from pipeline.graph import run_job
 
     bucket = s3_server.make_bucket()
     config = s3_run_config(
@@ -193,7 +193,7 @@ def missing_bucket_name() -> str:
 
 
 def test_missing_bucket_is_an_input_error(s3_server):
-    from pipeline.storage import check_writable
+    from pipeline.io.storage import check_writable
 
     bucket = missing_bucket_name()
     start = time.monotonic()
@@ -206,7 +206,7 @@ def test_missing_bucket_is_an_input_error(s3_server):
 
 
 def test_unreachable_endpoint_is_an_input_error(s3_server):
-    from pipeline.storage import check_writable
+    from pipeline.io.storage import check_writable
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     options = {**s3_server.storage_options(), "endpoint_url": endpoint}
@@ -219,7 +219,7 @@ def test_unreachable_endpoint_is_an_input_error(s3_server):
 
 
 def test_cli_run_to_a_missing_bucket_exits_2(s3_server, teacher_checkpoint, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     bucket = missing_bucket_name()
     config = config_dict(f"s3://{bucket}/runs", teacher_checkpoint)
@@ -244,7 +244,7 @@ def test_cli_run_to_a_missing_bucket_exits_2(s3_server, teacher_checkpoint, tmp_
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("size", [1000, 6 * 2**20], ids=["one-put", "multipart"])
 def test_atomic_open_leaves_nothing_on_error(s3_server, size):
-    from pipeline.storage import atomic_open
+    from pipeline.io.storage import atomic_open
 
     bucket = s3_server.make_bucket()
     # 5 MiB blocks: the larger write starts a multipart upload before the error

@@ -28,7 +28,7 @@ from PIL import Image
 from seaweed import S3Server, free_port
 from tests_support import config_dict
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 # Distinctive values: any occurrence outside the config file that holds them is a leak.
@@ -166,7 +166,7 @@ def test_manifests_redact_every_storage_option(make_config, tmp_path: Path) -> N
     from dataclasses import replace
 
     from pipeline.config import RetrievalConfig
-    from pipeline.manifest import resolved_config
+    from pipeline.stages.manifest import resolved_config
 
     secrets = {
         "endpoint_url": f"https://user:{URL_PASSWORD}@s3.example:9000",
@@ -242,10 +242,10 @@ EMBEDDED_RAY = """
 import sys
 from tests_support import config_dict
 from pipeline.config import parse_config
-from pipeline.runtime import connect_ray
+from pipeline.execution.executor import connect_ray
 
 config = parse_config(config_dict("out", "t.pt", runtime={"executor": "ray"}))
-ray = connect_ray(config)
+ray = connect_ray(config.runtime.address)
 ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
 print("ready", flush=True)
 sys.stdin.read()
@@ -349,19 +349,19 @@ def crafted_tar(path: Path, kind: str) -> tuple[Path, str]:
 
 
 def read_class_folders(path: Path) -> Any:
-    from pipeline.images import open_image_folder
+    from pipeline.io.images import open_image_folder
 
     return open_image_folder(f"{path}/root")
 
 
 def read_pool(path: Path) -> Any:
-    from pipeline.pool import list_pool, stream
+    from pipeline.io.pool import list_pool, stream
 
     return [list(stream(task)) for task in list_pool(str(path))]
 
 
 def read_preview(path: Path) -> Any:
-    from pipeline.shards import read_images
+    from pipeline.io.shards import read_images
 
     return read_images(str(path))
 
@@ -487,7 +487,7 @@ def teacher_eval(tmp_path: Path, evil: Path, capsys) -> str:
 
 def metadata_artifact(tmp_path: Path, evil: Path, capsys) -> str:
     from pipeline.errors import InputError
-    from pipeline.metadata import load_metadata
+    from pipeline.stages.metadata import load_metadata
 
     with pytest.raises(InputError) as error:  # metadata.artifact: safetensors, never pickle
         load_metadata(str(evil), None)
@@ -496,7 +496,7 @@ def metadata_artifact(tmp_path: Path, evil: Path, capsys) -> str:
 
 def train_resume(tmp_path: Path, evil: Path, capsys) -> str:
     from pipeline.errors import InputError
-    from pipeline.teachers import load_weights
+    from pipeline.models.teachers import load_weights
 
     with pytest.raises(InputError) as error:
         load_weights(str(evil), f"Ray Train checkpoint {evil}")
@@ -564,8 +564,8 @@ def test_objects_are_written_without_public_acls(
 
     import botocore.session
 
-    from pipeline.runtime import run_job
-    from pipeline.storage import filesystem
+    from pipeline.graph import run_job
+    from pipeline.io.storage import filesystem
 
     bucket = s3_server.make_bucket("acl")
     options = s3_server.storage_options()
@@ -643,7 +643,7 @@ def test_a_job_submitted_with_a_ray_token_leaks_no_token_and_no_credentials(
     from ray.job_submission import JobSubmissionClient
     from ray_head import ray_head
 
-    from pipeline.submit import auth_headers
+    from pipeline.cluster.submit import auth_headers
 
     token = uuid.uuid4().hex + uuid.uuid4().hex
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
@@ -683,7 +683,7 @@ def test_a_job_submitted_with_a_ray_token_leaks_no_token_and_no_credentials(
 
 
 def test_messages_log_lines_and_tracebacks_lose_url_passwords(capsys) -> None:
-    from pipeline.storage import RedactingFormatter
+    from pipeline.io.storage import RedactingFormatter
 
     url = f"http://bob:{URL_PASSWORD}@127.0.0.1:{free_port()}/runs/x"
     assert main(["-v", "inspect", url]) == 2

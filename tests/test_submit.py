@@ -19,11 +19,10 @@ from ray_head import RayHead, ray_head
 from seaweed import S3Server, free_port
 from tests_support import config_dict
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.manifest import inspect_run
-from pipeline.nightly import resolve_run_name
-from pipeline.submit import CONFIG_NAME, PROBE_SECONDS, stage
+from pipeline.cli.main import main
+from pipeline.cluster.submit import CONFIG_NAME, PROBE_SECONDS, stage
+from pipeline.config import load_config, resolve_run_name
+from pipeline.stages.manifest import inspect_run
 
 DECOY_ID, DECOY_SECRET = "AKIADECOYSUBMITTER01", "decoy-secret-of-the-submitting-machine"
 

@@ -1,0 +1,1 @@
+"""The ``dreamshard`` command line: argument helpers and one module per command group."""

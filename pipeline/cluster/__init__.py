@@ -1,0 +1,1 @@
+"""Cluster operations: job submission to Ray clusters and nightly-run retention."""

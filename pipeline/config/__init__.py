@@ -1,0 +1,61 @@
+"""The run configuration: one dataclass per section (``sections``), parsed from YAML and
+``--set`` overrides once (``parsing``) and resolved once at the edge (``resolution``)."""
+
+from pipeline.config.parsing import (
+    apply_override,
+    build,
+    check_inversion,
+    check_method,
+    coerce,
+    load_config,
+    parse_config,
+    read_config_data,
+)
+from pipeline.config.resolution import absolute_paths, resolve, resolve_name, resolve_run_name
+from pipeline.config.sections import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPTIONAL_SECTIONS,
+    SCENARIOS,
+    SECTIONS,
+    Config,
+    FilterConfig,
+    MetadataConfig,
+    PlanConfig,
+    RetrievalConfig,
+    RunConfig,
+    RuntimeConfig,
+    SynthesizerSection,
+    TeacherConfig,
+    TranslationConfig,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OPTIONAL_SECTIONS",
+    "SCENARIOS",
+    "SECTIONS",
+    "Config",
+    "FilterConfig",
+    "MetadataConfig",
+    "PlanConfig",
+    "RetrievalConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "SynthesizerSection",
+    "TeacherConfig",
+    "TranslationConfig",
+    "absolute_paths",
+    "apply_override",
+    "build",
+    "check_inversion",
+    "check_method",
+    "coerce",
+    "load_config",
+    "parse_config",
+    "read_config_data",
+    "resolve",
+    "resolve_name",
+    "resolve_run_name",
+]

@@ -1,0 +1,1 @@
+"""Execution: the Ray connection, the one actor pool (inline or Ray), progress, metrics."""

@@ -1,0 +1,1 @@
+"""Storage and formats: fsspec URLs, retries, archives, images, pools and shards."""

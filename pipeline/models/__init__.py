@@ -1,0 +1,1 @@
+"""Teachers: the architecture registry, checkpoints, and teacher training."""

@@ -1,0 +1,1 @@
+"""The task graph's stages: plan, metadata, synthesis, retrieval, translation, manifest."""

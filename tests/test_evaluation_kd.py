@@ -1,0 +1,73 @@
+"""Where the KD targets come from (no Ray): stored logits only for the image the student
+sees; a stored-logits run on shards without logits.npy is bad input naming the shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from evaluation_support import write_sized_shards, write_test_folder
+
+from evaluation.config import parse_eval_config
+from evaluation.inputs import prepare
+from evaluation.kd import kd_targets, student_job
+from evaluation.loader import ShardDataset, resolve_shards
+from pipeline.cli.main import main
+from pipeline.models.archs import build_architecture
+
+
+def config_for(tmp_path: Path, checkpoint: str, shards: Path, **data: Any) -> dict[str, Any]:
+    test = tmp_path / "test"
+    if not test.exists():
+        write_test_folder(test, per_class=1)
+    return {
+        "run": {"name": "kd", "output": str(tmp_path / "eval")},
+        "data": {"shards": str(shards), "test": str(test), **data},
+        "teacher": {"arch": "resnet20", "checkpoint": checkpoint},
+        "train": {"logits": "stored"},
+    }
+
+
+@pytest.mark.parametrize("augment", [True, False], ids=["augmented", "plain"])
+def test_stored_logits_teach_only_the_unaugmented_image(
+    teacher_checkpoint: str, tmp_path: Path, augment: bool
+) -> None:
+    shards = write_sized_shards(tmp_path / "run", [6, 4])
+    config = parse_eval_config(config_for(tmp_path, teacher_checkpoint, shards, augment=augment))
+    inputs = prepare(config, "kd")
+    job = student_job(inputs, build_architecture("resnet20", 10), "kd")
+    if augment:  # the teacher runs on each augmented view; logits.npy is not read
+        assert job.teacher is not None and not job.stored_logits and job.augment
+        assert kd_targets(config, "kd").startswith("teacher run on each augmented view")
+        teacher = job.teacher.eval()
+        images, _ = next(
+            iter(ShardDataset(job.shards, job.mean, job.std, augment=True, batch_size=4))
+        )
+        with torch.no_grad():
+            assert torch.equal(teacher(images), inputs.teacher.model.eval()(images))
+    else:  # the student sees the stored image: the stored logits are its targets
+        assert job.teacher is None and job.stored_logits and not job.augment
+        assert kd_targets(config, "kd") == "stored logits.npy (images unaugmented)"
+    with pytest.raises(ValueError, match="stored logits describe the unaugmented image"):
+        ShardDataset(
+            resolve_shards(str(shards)).shards, (0,) * 3, (1,) * 3, logits=True, augment=True
+        )
+
+
+def test_stored_logits_on_shards_without_them_exit_2_naming_the_shard(
+    teacher_checkpoint: str, tmp_path: Path, capsys
+) -> None:
+    with_logits = write_sized_shards(tmp_path / "run", [4, 4])
+    write_sized_shards(tmp_path / "other", [3], logits=False)
+    lacking = tmp_path / "other" / "shards" / "train-000000"
+    for suffix in (".tar", ".json"):  # a third shard, without logits.npy
+        Path(f"{lacking}{suffix}").rename(with_logits / "shards" / f"train-000002{suffix}")
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config_for(tmp_path, teacher_checkpoint, with_logits)))
+    assert main(["eval", "kd", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "train.logits is stored but shard" in error
+    assert "train-000002.tar holds no logits.npy" in error
