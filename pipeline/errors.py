@@ -1,5 +1,10 @@
-"""Errors the CLI turns into exit code 2: the user's input is wrong, nothing ran."""
+"""Errors the CLI turns into exit codes: 2 for bad input (nothing ran), 1 for a failure
+during the run that its message explains fully (printed without a traceback)."""
 
 
 class InputError(ValueError):
     """Bad input (config, checkpoint, URL, image). The message names the culprit."""
+
+
+class RunError(RuntimeError):
+    """A failure during the run whose message names what failed and what to do (exit 1)."""

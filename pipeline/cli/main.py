@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pipeline.cli import imagine, impression, run, teacher
 from pipeline.cluster import nightly, submit
-from pipeline.errors import InputError
+from pipeline.errors import InputError, RunError
 from pipeline.io.storage import RedactingFormatter, redact_url
 
 log = logging.getLogger("dreamshard")
@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"dreamshard: error: {redact_url(str(error))}", file=sys.stderr)
         return 2
+    except RunError as error:  # named and explained: no traceback
+        print(f"dreamshard: failed: {redact_url(str(error))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "dreamshard: interrupted; completed shards are kept, rerun to resume", file=sys.stderr
