@@ -141,6 +141,9 @@ class RuntimeConfig:
     progress: bool = True
     io_retries: int = 5  # extra tries of a storage write on a transient error
     io_backoff_s: float = 1.0  # the first wait between them, doubled each time
+    verify: bool = False  # a rerun also hashes every completed shard (always: their sizes)
+    lease_heartbeat_s: float = 10.0  # the driver rewrites {run}/lease.json this often
+    lease_timeout_s: float = 60.0  # a lease not rewritten for this long is a crashed driver's
 
     def __post_init__(self) -> None:
         if self.executor not in ("ray", "inline"):
@@ -153,6 +156,11 @@ class RuntimeConfig:
             raise ValueError(f"max_retries must be non-negative, got {self.max_retries}")
         if self.io_retries < 0 or self.io_backoff_s < 0:
             raise ValueError("io_retries and io_backoff_s must be non-negative")
+        if not 0 < self.lease_heartbeat_s < self.lease_timeout_s:
+            raise ValueError(
+                "lease_heartbeat_s must be positive and below lease_timeout_s, got "
+                f"{self.lease_heartbeat_s} and {self.lease_timeout_s}"
+            )
 
 
 @dataclass
