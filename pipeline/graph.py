@@ -17,14 +17,16 @@ from typing import Any
 from pipeline.config import Config, check_inversion, resolve
 from pipeline.execution.executor import ActorPool
 from pipeline.execution.metrics import record_failure
+from pipeline.io.integrity import intact_shards
+from pipeline.io.lease import Lease
 from pipeline.io.retries import with_retries
-from pipeline.io.shards import completed_shards, remove_partials
+from pipeline.io.shards import remove_partials
 from pipeline.io.storage import check_writable, endpoint_of, join
 from pipeline.models.teachers import load_teacher, load_verifier
 from pipeline.stages.guidance import guidance_images
 from pipeline.stages.manifest import finalise_run, record_run
 from pipeline.stages.metadata import ensure_metadata
-from pipeline.stages.plan import make_plan
+from pipeline.stages.plan import ShardTask, make_plan
 from pipeline.stages.retrieval import run_retrieval
 from pipeline.stages.statistics import feature_layers
 from pipeline.stages.synthesis import ShardWorker
@@ -59,10 +61,30 @@ def run_job(config: Config, now: dt.datetime | None = None) -> dict[str, Any]:
         if config.metadata.variations:
             count = config.metadata.variations * metadata.rows
             config = replace(config, plan=replace(config.plan, num_images=count))
-    run_url = config.run.run_url
     plan = make_plan(config, row_labels)
-    record_run(run_url, config, teacher.digest, options)  # refuses a different config
-    done = completed_shards(run_url, options)
+    with Lease.for_run(config.run, config.runtime) as lease:  # refuses a second driver
+        manifest, todo = _write_run(config, plan, teacher.digest, metadata, lease)
+    written = {task.name for task in todo}
+    manifest["this_run"] = {
+        "shards_written": len(todo),
+        "shards_resumed": len(plan) - len(todo),
+        "written": sorted(written),  # missing or damaged before this run
+        "images": sum(s["samples"] for s in manifest["shards"] if s["name"] in written),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    if config.retrieval is not None:
+        manifest["retrieval"] = run_retrieval(config)["totals"]
+    return manifest
+
+
+def _write_run(
+    config: Config, plan: list[ShardTask], digest: str, metadata: Any, lease: Lease
+) -> tuple[dict[str, Any], list[ShardTask]]:
+    """Everything the run writes, under its lease: ``run.json``, the shards that are
+    missing or damaged, then index, preview and manifest. Returns (manifest, tasks run)."""
+    run_url, options = config.run.run_url, config.run.storage_options
+    record_run(run_url, config, digest, options)  # refuses a different config
+    done = intact_shards(run_url, options, config.runtime.verify)  # damaged: discarded
     todo = [task for task in plan if task.name not in done]
     log.info("%d shards planned, %d already complete", len(plan), len(plan) - len(todo))
     if todo:
@@ -76,23 +98,15 @@ def run_job(config: Config, now: dt.datetime | None = None) -> dict[str, Any]:
         with pool:
             pool.map(todo)
         _remove_partials(run_url, options)  # those of actors killed in this run
+    lease.check()  # another driver took the run over: leave the records to it
     manifest = with_retries(  # idempotent: reads the sidecars, rewrites index and manifest
-        lambda: finalise_run(run_url, config, plan, teacher.digest, options, metadata),
+        lambda: finalise_run(run_url, config, plan, digest, options, metadata),
         join(run_url, "manifest.json"),
         config.runtime.io_retries,
         config.runtime.io_backoff_s,
         endpoint_of(run_url, options),
     )
-    written = {task.name for task in todo}
-    manifest["this_run"] = {
-        "shards_written": len(todo),
-        "shards_resumed": len(plan) - len(todo),
-        "images": sum(s["samples"] for s in manifest["shards"] if s["name"] in written),
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    if config.retrieval is not None:
-        manifest["retrieval"] = run_retrieval(config)["totals"]
-    return manifest
+    return manifest, todo
 
 
 def _remove_partials(run_url: str, options: dict[str, Any] | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 from pipeline.cli.arguments import config_command, storage_option_argument, storage_options
@@ -12,7 +13,13 @@ from pipeline.execution.progress import duration
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    config_command(commands, "run", "run the whole task graph for a config", cmd_run)
+    run = config_command(commands, "run", "run the whole task graph for a config", cmd_run)
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="also hash every completed shard and regenerate those whose sha256 differs "
+        "from their sidecar's (a rerun always checks their sizes)",
+    )
     config_command(
         commands,
         "metadata",
@@ -23,6 +30,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("url", help="the run folder (OUTPUT/RUN) or its manifest.json")
     inspect.add_argument(
         "--verify", action="store_true", help="also check every tar against its sidecar's sha256"
+    )
+    inspect.add_argument(
+        "--repair",
+        action="store_true",
+        help="regenerate damaged and missing shards from run.json, then rewrite the "
+        "manifest (implies --verify; no config needed)",
     )
     storage_option_argument(inspect)
     inspect.set_defaults(handler=cmd_inspect)
@@ -37,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.graph import run_job
 
     config = load_config(args.config, args.overrides)
+    if args.verify:
+        config = replace(config, runtime=replace(config.runtime, verify=True))
     summary = run_job(config)
     print(format_summary(summary))
     for label, entry in summary["totals"].get("failing_classes", {}).items():
@@ -69,7 +84,17 @@ def cmd_metadata(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.stages.manifest import inspect_run
 
-    report = inspect_run(args.url, storage_options(args.storage_options), verify=args.verify)
+    options = storage_options(args.storage_options)
+    repaired = None
+    if args.repair:
+        from pipeline.graph import run_job
+        from pipeline.stages.repair import recorded_config
+
+        this_run = run_job(recorded_config(args.url, options))["this_run"]
+        repaired = this_run["written"]
+    report = inspect_run(args.url, options, verify=args.verify and not args.repair)
+    if repaired is not None:
+        report["repaired"] = repaired  # damaged or missing before, regenerated now
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if report["complete"] and not report.get("corrupt") else 1
 

@@ -18,7 +18,8 @@ import pipeline
 from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
 from pipeline.io.images import contact_sheet
-from pipeline.io.shards import Sidecar, completed_shards, read_images, shard_sha256, shard_url
+from pipeline.io.integrity import damaged_shards, shard_images
+from pipeline.io.shards import Sidecar, completed_shards, shard_url
 from pipeline.io.storage import atomic_open, exists, join, read_json, redact, write_json
 from pipeline.stages.plan import ShardTask, make_plan
 
@@ -178,7 +179,7 @@ def write_preview(
     classes = config.classes
     found: dict[int, list[np.ndarray]] = {c: [] for c in classes}
     for task in plan:
-        for label, image in read_images(shard_url(run_url, task.name), None, options):
+        for label, image in shard_images(run_url, task.name, options):  # names a damaged one
             if len(found[label]) < per_class:
                 found[label].append(image)
         if all(len(v) >= per_class for v in found.values()):
@@ -210,14 +211,9 @@ def inspect_run(
     }
     if report["finalised"]:
         report["totals"] = read_json(join(run_url, "manifest.json"), options)["totals"]
-    if verify:
-        report["corrupt"] = [
-            t.name
-            for t in plan
-            if t.name in done
-            and shard_sha256(shard_url(run_url, t.name), options)
-            != Sidecar.read(run_url, t.name, options).sha256
-        ]
+    damaged = damaged_shards(run_url, options, verify)  # sizes always, sha256 with verify
+    report["corrupt"] = [t.name for t in plan if t.name in damaged]
+    report["damage"] = {name: damaged[name] for name in report["corrupt"]}
     return report
 
 

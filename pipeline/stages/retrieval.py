@@ -32,8 +32,10 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.execution.executor import ActorPool
 from pipeline.io.images import open_image_folder
+from pipeline.io.integrity import intact_shards
+from pipeline.io.lease import Lease
 from pipeline.io.pool import PoolTask, known_size, list_pool
-from pipeline.io.shards import Sidecar, completed_shards
+from pipeline.io.shards import Sidecar
 from pipeline.io.storage import check_writable, exists, join, read_json, redact, write_json
 from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import load_teacher
@@ -73,21 +75,24 @@ def run_retrieval(config: Config) -> dict[str, Any]:
             [ScoreTask(t, quotas) for t in tasks], progress=False, reduce=lambda s: absorb(heaps, s)
         )
         scores.sort(key=lambda s: s["task"])
-        jobs = select(config, run_url, teacher.digest, tasks, heaps, quotas, scores)
-        pool.map(jobs, progress=False)
-    return finalise(run_url, config, teacher.digest, jobs, scores, heaps, len(images))
+        jobs = select(config, tasks, heaps, quotas, scores)
+        with Lease.for_run(config.run, config.runtime) as lease:  # one driver per run
+            record_retrieval(run_url, config, teacher.digest)
+            # the selection's shards already written and intact (damaged: discarded)
+            done = intact_shards(run_url, config.run.storage_options, config.runtime.verify)
+            pool.map([replace(job, done=done) for job in jobs], progress=False)
+            lease.check()
+            return finalise(run_url, config, teacher.digest, jobs, scores, heaps, len(images))
 
 
 def select(
     config: Config,
-    run_url: str,
-    digest: str,
     tasks: list[PoolTask],
     heaps: list[TopK],
     quotas: list[int],
     scores: list[dict[str, Any]],
 ) -> list[WriteJob]:
-    """The selection, checked and cut into write jobs (``retrieval-run.json`` first)."""
+    """The selection, checked and cut into write jobs."""
     r = config.retrieval
     scored = sum(s["scored"] for s in scores)
     skipped = sum(s["skipped"] for s in scores)
@@ -97,11 +102,7 @@ def select(
     short = [t for t, q in enumerate(quotas) if len(selected[t]) < q]
     if short:  # per class: too few pool images are nearest to these classes
         log.warning("retrieval: classes %s got fewer than their share of n_t", short)
-
-    record_retrieval(run_url, config, digest)
-    done = completed_shards(run_url, config.run.storage_options)
-    jobs = write_jobs(tasks, selected, scores, config)
-    return [replace(job, done=done) for job in jobs]
+    return write_jobs(tasks, selected, scores, config)
 
 
 def pool_options(config: Config) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.execution.device import worker_device
 from pipeline.execution.executor import ActorPool
+from pipeline.io.integrity import intact_shards
+from pipeline.io.lease import Lease
 from pipeline.io.pool import decode_or_none, list_pool, stream
 from pipeline.io.shards import (
     Sample,
     ShardStore,
     Sidecar,
-    completed_shards,
     sample_key,
     shard_name,
     shard_url,
@@ -101,7 +102,6 @@ def run_translation(config: Config) -> dict[str, Any]:
     )
     statistics = target_statistics(synthesizer, targets, spec.mean, spec.std, spec.num_classes)
     run_url = config.run.run_url
-    done = completed_shards(run_url, options)
     size = config.plan.shard_size
     tasks = [
         TranslationTask(
@@ -112,20 +112,37 @@ def run_translation(config: Config) -> dict[str, Any]:
         )
         for index, start in enumerate(range(0, len(sources), size))
     ]
-    with ActorPool(TranslationWorker, (config, statistics), config.runtime) as pool:
-        pool.map([task for task in tasks if task.name not in done])
+    with Lease.for_run(config.run, config.runtime) as lease:  # one driver per run
+        done = intact_shards(run_url, options, config.runtime.verify)  # damaged: discarded
+        with ActorPool(TranslationWorker, (config, statistics), config.runtime) as pool:
+            pool.map([task for task in tasks if task.name not in done])
+        lease.check()
+        return write_manifest(
+            config, teacher.digest, tasks, len(targets), (source_skipped, target_skipped)
+        )
+
+
+def write_manifest(
+    config: Config,
+    digest: str,
+    tasks: list[TranslationTask],
+    targets: int,
+    skipped: tuple[int, int],
+) -> dict[str, Any]:
+    """``translation.json``: the stage's manifest, written last."""
+    run_url, options = config.run.run_url, config.run.storage_options
     manifest = {
         "run_url": run_url,
         "stage": "translation",
         "config": resolved_config(config),
-        "teacher_digest": teacher.digest,
+        "teacher_digest": digest,
         "dreamshard_version": pipeline.__version__,
         "shards": [{"name": task.name, "url": shard_url(run_url, task.name)} for task in tasks],
         "totals": {
-            "images": len(sources),
-            "target_images": len(targets),
-            "source_skipped": source_skipped,
-            "target_skipped": target_skipped,
+            "images": sum(len(task.keys) for task in tasks),
+            "target_images": targets,
+            "source_skipped": skipped[0],
+            "target_skipped": skipped[1],
         },
     }
     write_json(join(run_url, "translation.json"), manifest, options)
