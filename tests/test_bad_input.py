@@ -350,6 +350,22 @@ def read_only_output(env: Env) -> list[str]:
     return ["run", env.config(run={"output": str(locked / "out")})]
 
 
+def lease_with(content: str) -> Callable[[Env], list[str]]:
+    """A run folder whose ``lease.json`` holds ``content`` (not a lease)."""
+
+    def setup(env: Env) -> list[str]:
+        env.text("out/test/lease.json", content)
+        return ["run", env.config()]
+
+    return setup
+
+
+def repair_without_record(env: Env) -> list[str]:
+    """``inspect --repair`` on a folder with a shard but no ``run.json``."""
+    env.text("out/test/shards/train-000000.json", "{}")
+    return ["inspect", "--verify", "--repair", str(env.out / "test")]
+
+
 def expect_counts(**counts: int) -> Callable[[Env, str], None]:
     """A code-0 case: the stage's manifest (named by the printed output) counts skips."""
 
@@ -646,6 +662,24 @@ CASES = [
         "translation sources of which none is readable",
         translation_all_unreadable,
         r"translation\.source: .*source holds no readable image",
+    ),
+    Case(
+        "lease-garbage-json",
+        "a run whose lease.json is not JSON",
+        lease_with("{not a lease"),
+        r"out/test/lease\.json: not a dreamshard lease",
+    ),
+    Case(
+        "lease-wrong-fields",
+        "a run whose lease.json is JSON without a lease's fields",
+        lease_with('{"kind": "dreamshard-lease", "host": 3}'),
+        r"out/test/lease\.json: not a dreamshard lease \(no valid 'host'\)",
+    ),
+    Case(
+        "repair-without-run-json",
+        "inspect --repair on a folder without run.json",
+        repair_without_record,
+        r"out/test: not a dreamshard run \(no run\.json\); nothing to repair",
     ),
 ]
 
