@@ -83,7 +83,7 @@ def read_sidecars(
             if isinstance(blob, BaseException) or blob is None:
                 raise ValueError("unreadable")
             sidecars[name] = Sidecar.from_json(json.loads(blob))
-        except (ValueError, TypeError):  # not JSON, or not a sidecar's fields
+        except (ValueError, TypeError, AttributeError):  # not JSON, not a sidecar's fields
             sidecars[name] = None
     return sidecars
 
