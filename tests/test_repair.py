@@ -276,7 +276,7 @@ def test_a_stale_lease_is_taken_over_with_a_warning(
     assert not where.exists("lease.json")
 
 
-def test_the_lease_of_a_dead_process_on_this_host_is_stale_at_once(tmp_path: Path) -> None:
+def test_a_lease_of_a_dead_process_or_one_this_process_left_is_stale(tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
     )
@@ -288,6 +288,10 @@ def test_the_lease_of_a_dead_process_on_this_host_is_stale_at_once(tmp_path: Pat
     with Lease(run_url, heartbeat_s=5, timeout_s=60):
         assert json.loads(Path(run_url, "lease.json").read_text())["pid"] == os.getpid()
     assert not Path(run_url, "lease.json").exists()
+    # an earlier driver of this process whose release failed (its store was down)
+    Path(run_url, "lease.json").write_bytes(holder(socket.gethostname(), os.getpid(), fresh))
+    with Lease(run_url, heartbeat_s=5, timeout_s=60):
+        assert json.loads(Path(run_url, "lease.json").read_text())["token"] != "another-driver"
     Path(run_url, "lease.json").write_bytes(holder("elsewhere", pid, fresh))
     with pytest.raises(LeaseHeld, match="host elsewhere"):  # another host: only its age says
         Lease(run_url).acquire()
@@ -308,3 +312,37 @@ def test_the_heartbeat_rewrites_the_lease_and_notices_a_takeover(tmp_path: Path)
         with pytest.raises(LeaseLost, match="another driver took over"):
             lease.check()
     assert json.loads(path.read_text())["host"] == "other"  # the new holder's, kept
+
+
+def test_damaged_shards_reads_sizes_from_one_listing_and_names_bad_sidecars(
+    tmp_path: Path,
+) -> None:
+    from pipeline.io.integrity import damaged_shards, intact_shards
+
+    shards = tmp_path / "run" / "shards"
+    shards.mkdir(parents=True)
+    tar = b"x" * 2048
+    digest = hashlib.sha256(tar).hexdigest()
+    for name, sidecar in {
+        "good": {"shard": "good", "samples": 1, "sha256": digest, "bytes": 2048},
+        "short": {"shard": "short", "samples": 1, "sha256": digest, "bytes": 4096},
+        "old": {"shard": "old", "samples": 1, "sha256": digest},  # no bytes: not size-checked
+        "flipped": {"shard": "flipped", "samples": 1, "sha256": "0" * 64, "bytes": 2048},
+        "listed": [1, 2],
+        "garbage": "{oops",
+    }.items():
+        (shards / f"{name}.tar").write_bytes(tar)
+        text = sidecar if isinstance(sidecar, str) else json.dumps(sidecar)
+        (shards / f"{name}.json").write_text(text)
+    run_url = str(tmp_path / "run")
+    assert set(damaged_shards(run_url)) == {"short", "listed", "garbage"}
+    damaged = damaged_shards(run_url, verify=True)
+    assert set(damaged) == {"short", "listed", "garbage", "flipped"}
+    assert "4096" in damaged["short"] and "sha256" in damaged["flipped"]
+    assert intact_shards(run_url, verify=True) == {"good", "old"}
+    assert sorted(p.name for p in shards.iterdir()) == [
+        "good.json",
+        "good.tar",
+        "old.json",
+        "old.tar",
+    ]

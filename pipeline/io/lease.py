@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.errors import InputError, RunError
 from pipeline.io.storage import filesystem, join, protocol_of, read_bytes, write_json
@@ -61,7 +61,8 @@ def parse_lease(url: str, blob: bytes) -> dict[str, Any]:
         for name, kind in FIELDS.items():
             if not isinstance(data.get(name), kind):
                 raise ValueError(f"no valid {name!r}")
-        dt.datetime.fromisoformat(data["heartbeat"])
+        if dt.datetime.fromisoformat(data["heartbeat"]).tzinfo is None:
+            raise ValueError("a heartbeat without a time zone")
         float(data.get("timeout_s", 0))
     except (ValueError, TypeError) as error:
         raise InputError(
@@ -77,6 +78,11 @@ def describe(holder: dict[str, Any]) -> str:
 
 class Lease:
     """The lease of the run at ``run_url``: ``with Lease(...):`` holds it for the block."""
+
+    # The tokens this process holds now. A lease naming this process with a token not
+    # here was left by an earlier driver of this process whose release the storage
+    # refused (an object store down): it is stale, and a rerun in-process takes it over.
+    held_here: ClassVar[set[str]] = set()
 
     def __init__(
         self,
@@ -134,6 +140,7 @@ class Lease:
         confirmed = self.current()
         if confirmed is None or confirmed["token"] != self.record["token"]:
             raise LeaseHeld(self._held_message(confirmed or holder or self.record))
+        Lease.held_here.add(self.record["token"])
         self._thread = threading.Thread(target=self._beat, name="dreamshard-lease", daemon=True)
         self._thread.start()
 
@@ -153,9 +160,12 @@ class Lease:
 
     @staticmethod
     def _holder_is_gone(holder: dict[str, Any]) -> bool:
-        """A holder on this host whose process no longer exists (a killed driver)."""
+        """A holder on this host whose process no longer exists (a killed driver), or an
+        earlier driver of this process that could not remove its lease."""
         if holder["host"] != socket.gethostname():
             return False
+        if holder["pid"] == os.getpid():
+            return holder["token"] not in Lease.held_here
         try:
             os.kill(holder["pid"], 0)
         except ProcessLookupError:
@@ -213,8 +223,9 @@ class Lease:
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this driver's."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        Lease.held_here.discard(self.record["token"])
+        if self._thread is not None:  # bounded: a beat may hang on a store that is down
+            self._thread.join(max(self.heartbeat_s, 5.0))
         if self.lost:
             return
         try:
