@@ -21,7 +21,7 @@ from tests_support import config_dict
 
 from pipeline.cli.main import main
 from pipeline.cluster.submit import CONFIG_NAME, PROBE_SECONDS, stage
-from pipeline.config import load_config, resolve_run_name
+from pipeline.config import load_config
 from pipeline.stages.manifest import inspect_run
 
 DECOY_ID, DECOY_SECRET = "AKIADECOYSUBMITTER01", "decoy-secret-of-the-submitting-machine"
@@ -92,7 +92,7 @@ def test_the_job_carries_the_resolved_config_and_checkpoint_but_no_credentials(
         runtime={"address": "ray://laptop-tunnel:10001"},
     )
     submitted = dt.datetime(2026, 11, 21, 23, 59, 30, tzinfo=dt.timezone.utc)
-    config = resolve_run_name(load_config(path), submitted)
+    config = load_config(path, now=submitted)
     staging = tmp_path / "staging"
     staging.mkdir()
     entrypoint, runtime_env, metadata = stage(config, staging)
