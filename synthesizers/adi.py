@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthesizers.base import freeze
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
+from synthesizers.loop import freeze
+from synthesizers.parametrisation import normalise
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisResult, SynthesisSpec
 
@@ -153,8 +154,8 @@ class StudentCompetition:
     device: torch.device
     autocast: Any
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
+        super().setup()  # the synthesizer's own, next in the MRO after this mixin
         self.student: nn.Module | None = None
         self.student_checked = False  # output shape checked against the teacher's
         self.student_optimizer: torch.optim.Optimizer | None = None
@@ -256,8 +257,7 @@ class StudentCompetition:
         accepted = accepted.cpu()
         if not accepted.any() or self.config.distill_steps == 0:
             return
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in self.normalisation)
-        inputs = ((result.images[accepted] - mean) / std).to(self.device)  # (N, C, H, W)
+        inputs = normalise(result.images[accepted], *self.normalisation).to(self.device)
         targets = result.logits[accepted].to(self.device)  # (N, K) teacher logits
         if self.config.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

@@ -6,9 +6,10 @@ thing optimised (:meth:`Synthesizer.parametrise`: pixels by default, a generator
 NaturalInversion), the stages (IMAGINE runs two), the layers whose statistics it reads,
 and an auxiliary network trained alternately (:meth:`Synthesizer.after_step`).
 The base owns seeding, mixed precision, channels_last, augmentation, the hooks, the
-optimiser and its cosine schedule, the sum of the weighted terms and their logging, and
-the speed switches of :class:`SynthesizerConfig` (fused moments and Adam, affine batch
-norm, ``torch.compile`` of :meth:`Synthesizer.forward_loss`) and early stopping.
+optimiser and its schedule (cosine or constant, an optional warm-up), the sum of the
+weighted terms and their logging, the speed switches of :class:`SynthesizerConfig` (fused
+moments and Adam, affine batch norm, ``torch.compile`` of
+:meth:`Synthesizer.forward_loss`) and early stopping.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 
 from synthesizers.affine import affine_batchnorm
 from synthesizers.hooks import batchnorm_layers, capture_statistics
+from synthesizers.loop import LoopRecord, adam, freeze, weighted_total
 from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.parametrisation import Parametrisation, PixelImages
 from synthesizers.precision import autocast_dtype, compile_enabled, grad_scaler
@@ -36,48 +38,11 @@ from synthesizers.spec import (
     SynthesisResult,
     SynthesisSpec,
     SynthesizerConfig,
+    lr_factor,
 )
 
 log = logging.getLogger("dreamshard.synthesizers")
 _NO_LOGITS = torch.empty(0)  # StepContext.logits until forward_loss sets it
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no parameter gradients: only the input is optimised."""
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
-
-
-def adam(
-    parameters: list[torch.Tensor], lr: float, betas: tuple[float, float], fused: bool = True
-) -> torch.optim.Adam:
-    """Adam with its fused kernel when ``fused`` and torch has one for the parameters'
-    device (CUDA; CPU since torch 2.4), else the multi-tensor (foreach) kernel;
-    ``fused=False`` is the plain per-tensor loop."""
-    if not fused:
-        return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=False)
-    try:
-        return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=True)
-
-
-def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """The one place where loss terms are summed. A term without a weight is an error."""
-    missing = sorted(set(terms) - set(weights))
-    if missing:
-        raise KeyError(f"loss terms without a weight: {', '.join(missing)}")
-    total = None
-    for name, value in terms.items():
-        weight = weights[name]
-        if weight == 0.0:
-            continue
-        total = weight * value if total is None else total + weight * value
-    if total is None:
-        raise ValueError("every loss term has weight 0: nothing to optimise")
-    return total
 
 
 class Synthesizer:
@@ -93,6 +58,9 @@ class Synthesizer:
     # Config fields that are image URLs: the pipeline loads each (RGB, the teacher's size)
     # into guidance[field] as a (C, H, W) tensor in [0, 1].
     image_fields: ClassVar[tuple[str, ...]] = ()
+    # Attributes a method sets during a step (activations, per-step references): set to
+    # None when synthesize returns, so that no graph of the last step outlives the call.
+    step_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -122,8 +90,15 @@ class Synthesizer:
             self.teacher.to(memory_format=torch.channels_last)
         self.dtype = autocast_dtype(config.precision, self.device)
         self._compiled: Callable[..., Any] | None = None  # see _step_function
+        self.setup()
 
     # ---- what a method fills in -------------------------------------------------
+    def setup(self) -> None:
+        """A method's own construction, run once at the end of ``__init__`` (the teacher is
+        frozen and on its device, ``self.config`` checked): find its layers, set its state.
+        Methods override this instead of the constructor, calling ``super().setup()`` so
+        that mixins (:class:`synthesizers.adi.StudentCompetition`) set theirs too."""
+
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Unweighted loss terms of one iteration, by name."""
         raise NotImplementedError
@@ -143,7 +118,8 @@ class Synthesizer:
 
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")
-        return PixelImages(len(spec.labels), spec.image_shape, spec.mean, spec.std, init)
+        shape, clip = spec.image_shape, self.config.clip
+        return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip)
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:
         parameters = [p for p in parametrisation.parameters() if p.requires_grad]
@@ -196,9 +172,13 @@ class Synthesizer:
             self.prepare(spec)
             parametrisation = self.parametrise(spec).to(self.device)
             labels = spec.labels.to(self.device)
-            run = self._optimise(spec, parametrisation, labels, rng, start)
-            images, logits = self._verdict(parametrisation)
-        losses = {name: float(value) for name, value in run.final.items()}
+            try:
+                run = self._optimise(spec, parametrisation, labels, rng, start)
+            finally:
+                for name in self.step_state:
+                    setattr(self, name, None)
+            images, logits = self._verdict(parametrisation, run.best_images)
+        losses = {name: float(value) for name, value in (run.best or run.final).items()}
         log.info("%s final %s", self.name, _format_terms(losses))
         return SynthesisResult(
             images=images.float().cpu(),
@@ -254,8 +234,8 @@ class Synthesizer:
         labels: torch.Tensor,
         rng: random.Random,
         start: float,
-    ) -> _Run:
-        run = _Run()
+    ) -> LoopRecord:
+        run = LoopRecord()
         stages = self.stages()
         scaler = grad_scaler(self.dtype, self.device)
         moments = fused_sample_moments if self.config.fused_moments else sample_moments
@@ -269,7 +249,7 @@ class Synthesizer:
                 weights = self.weights(stage)
                 optimizer = self.optimizer(parametrisation, stage)
                 schedule = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lambda i, n=stage.iterations: 0.5 * (1 + math.cos(math.pi * i / n))
+                    optimizer, partial(lr_factor, **self._schedule(stage))
                 )
                 checking = (
                     self.config.early_stop
@@ -283,6 +263,8 @@ class Synthesizer:
                         spec, stage, iteration, labels, images, inputs, _NO_LOGITS, features
                     )
                     terms, total = self._forward_loss(ctx, weights)
+                    if self.config.keep_best and number == len(stages) - 1:
+                        run.keep_if_best(images, terms, total)  # before the step moves them
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(total).backward()
                     scaler.step(optimizer)
@@ -317,9 +299,13 @@ class Synthesizer:
                         break
         return run
 
+    def _schedule(self, stage: Stage) -> dict[str, Any]:
+        c = self.config
+        return {"iterations": stage.iterations, "schedule": c.lr_schedule, "warmup": c.warmup}
+
     def _check(
         self,
-        run: _Run,
+        run: LoopRecord,
         parametrisation: Parametrisation,
         labels: torch.Tensor,
         threshold: float,
@@ -344,23 +330,18 @@ class Synthesizer:
         return passed == 1.0 and plateau
 
     @torch.no_grad()
-    def _verdict(self, parametrisation: Parametrisation) -> tuple[torch.Tensor, torch.Tensor]:
+    def _verdict(
+        self, parametrisation: Parametrisation, normalised: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images quantised to 8 bits (as stored) and the teacher's fp32 logits on them,
-        on the synthesizer's device."""
-        images = parametrisation.to_unit(parametrisation().detach())
+        on the synthesizer's device: of ``normalised`` images (the kept best iterate) or
+        of the parametrisation's current ones."""
+        if normalised is None:
+            normalised = parametrisation().detach()
+        images = parametrisation.to_unit(normalised)
         images = (images * 255.0).round() / 255.0
         logits = self.teacher(parametrisation.normalise(images))
         return images, logits.float()
-
-
-@dataclass
-class _Run:
-    """What the loop reports back to ``synthesize``."""
-
-    final: dict[str, torch.Tensor] = field(default_factory=dict)
-    iterations: int = 0
-    checks: list[dict[str, float]] = field(default_factory=list)
-    stopped_early: bool = False
 
 
 def _format_terms(terms: dict[str, Any]) -> str:

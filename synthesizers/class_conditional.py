@@ -61,7 +61,7 @@ def conditional_statistics_loss(
 ) -> torch.Tensor:
     """Σ_l mean over rows r in the batch of ‖μ_l(x|r) − μ̂_{l,r}‖₂ + ‖σ²_l(x|r) − σ̂²_{l,r}‖₂."""
     present = torch.unique(rows)
-    total = features[0].moments[0].new_zeros(())
+    total = features[0].per_sample()[0].new_zeros(())
     for record in features:
         target_mean, target_var = targets[record.name]
         count = target_mean.shape[0]
@@ -79,13 +79,8 @@ class ClassConditional(Synthesizer):
     config: ClassConditionalConfig
     uses_metadata = True
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: ClassConditionalConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         self.layers, self.feature_side = self.statistics_layers(self.teacher, self.config)
 
     @staticmethod

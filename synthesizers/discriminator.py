@@ -15,8 +15,12 @@ The supplement gives no λ_GP; the default is the WGAN-GP paper's 10.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from synthesizers.loop import adam
 
 
 class PatchDiscriminator(nn.Module):
@@ -75,3 +79,33 @@ def critic_loss(
     if penalty_weight:
         loss = loss + penalty_weight * gradient_penalty(critic, real, fake, epsilon)
     return loss
+
+
+def build_discriminator(
+    image_shape: tuple[int, int, int], seed: int, config: Any, device: torch.device
+) -> tuple[PatchDiscriminator, torch.optim.Adam]:
+    """A fresh discriminator for one request (weights seeded from ``seed + 1``, leaving
+    the images' random stream alone) and its Adam, from an IMAGINE config's
+    ``discriminator_*`` fields; ValueError when the images are smaller than its
+    receptive field."""
+    size = min(image_shape[1:])
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 1)
+        network = PatchDiscriminator(
+            image_shape[0], config.discriminator_width, config.discriminator_blocks
+        )
+    if size <= network.receptive_field:
+        raise ValueError(
+            f"{size}-pixel images are too small for a {config.discriminator_blocks}-block patch "
+            f"discriminator (receptive field {network.receptive_field}); lower "
+            "discriminator_blocks"
+        )
+    network.to(device).train().requires_grad_(False)  # trained in after_step only
+    optimizer = adam(
+        list(network.parameters()),
+        config.discriminator_lr,
+        config.discriminator_betas,
+        config.fused_optimizer,
+    )
+    return network, optimizer

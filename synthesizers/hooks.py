@@ -1,10 +1,10 @@
 """Forward hooks that capture feature statistics, registered inside a ``with`` block.
 
 A hook keeps only per-sample channel moments of a layer's input or output (two
-(B, C) tensors per layer). The statistics every method needs derive from them:
-the batch's (DeepInversion), each class's within the batch (class-conditional),
-each image's (impression codes). The autograd graph keeps what the backward pass
-needs, and nothing else is stored.
+(B, C) tensors per layer: mean and centred variance). The statistics every method
+needs derive from them: the batch's (DeepInversion), each class's within the batch
+(class-conditional), each image's (impression codes). The autograd graph keeps what
+the backward pass needs, and nothing else is stored.
 """
 
 from __future__ import annotations
@@ -25,57 +25,65 @@ SIDES = ("input", "output")
 class LayerStatistics:
     """The moments one hook saw on the last forward pass.
 
-    ``moments`` holds the per-sample channel mean E[x] and mean of squares E[x²],
-    each (B, C) in float32. The properties and methods below reduce them.
+    ``sample`` holds each sample's channel mean and (biased, centred) variance, each
+    (B, C) in float32. The properties and methods below combine them over samples with
+    the parallel (Chan et al.) formula, exact for equal-sized maps: the variance of a
+    group is the mean of its samples' variances plus the variance of their means. No
+    statistic is ever E[x²] − E[x]², which cancels catastrophically in float32 for
+    features with a large mean and a small spread.
     """
 
     name: str
     module: nn.Module
-    moments: tuple[torch.Tensor, torch.Tensor] | None = None
+    sample: tuple[torch.Tensor, torch.Tensor] | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.moments is None:
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sample is None:
             raise RuntimeError(f"layer {self.name!r} has not seen a forward pass yet")
-        return self.moments
+        return self.sample
 
     @property
     def mean(self) -> torch.Tensor:
         """(C,) channel mean over the batch."""
-        return self._moments()[0].mean(dim=0)
+        return self._sample()[0].mean(dim=0)
 
     @property
     def var(self) -> torch.Tensor:
         """(C,) biased channel variance over the batch."""
-        first, second = self._moments()
-        mean = first.mean(dim=0)
-        return (second.mean(dim=0) - mean * mean).clamp_min(0.0)
+        mean, var = self._sample()
+        centre = mean.mean(dim=0)
+        return var.mean(dim=0) + (mean - centre).square().mean(dim=0)
 
     def per_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) channel mean and variance of each sample on its own."""
-        first, second = self._moments()
-        return first, (second - first * first).clamp_min(0.0)
+        return self._sample()
 
     def per_class(
         self, labels: torch.Tensor, num_classes: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, C) mean and variance over each class's samples in the batch, and the
         (K,) sample counts. Classes without samples get zeros (and count 0)."""
-        first, second = self._moments()
-        counts = torch.bincount(labels, minlength=num_classes).to(first.dtype)
-        one_hot = torch.nn.functional.one_hot(labels, num_classes).to(first.dtype)  # (B, K)
+        mean, var = self._sample()
+        counts = torch.bincount(labels, minlength=num_classes).to(mean.dtype)
+        one_hot = torch.nn.functional.one_hot(labels, num_classes).to(mean.dtype)  # (B, K)
         scale = 1.0 / counts.clamp_min(1.0)
-        mean = (one_hot.t() @ first) * scale[:, None]
-        square = (one_hot.t() @ second) * scale[:, None]
-        return mean, (square - mean * mean).clamp_min(0.0), counts
+        class_mean = (one_hot.t() @ mean) * scale[:, None]  # (K, C)
+        spread = (mean - class_mean[labels]).square()  # (B, C) around the own class's mean
+        class_var = (one_hot.t() @ (var + spread)) * scale[:, None]
+        return class_mean, class_var, counts
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every BatchNorm layer of ``model`` in forward-registration order."""
+    """Every ``nn.BatchNorm2d`` of ``model`` in forward-registration order.
+
+    Only the 2-D kind, as the authors' DeepInversion and NaturalInversion hooks: the
+    statistics are per channel over batch and space, which a BatchNorm1d on pooled
+    vectors (or a 3-D one) does not have in the same form."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if isinstance(module, nn.BatchNorm2d)
     ]
 
 
@@ -118,7 +126,7 @@ def capture_statistics(
 
     def make_hook(record: LayerStatistics) -> Callable:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
-            record.moments = moments(inputs[0] if side == "input" else output)
+            record.sample = moments(inputs[0] if side == "input" else output)
 
         return hook
 

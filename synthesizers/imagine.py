@@ -3,12 +3,13 @@
 Variations of target images x⁰ (``guidance["target_images"]``, (B, C, H, W) in [0, 1],
 one per sample; y* = ``spec.labels``, the teacher's prediction on each target):
 
-Loss = CE(f(x̂), y*) + α R_TV(x̂) + β ‖x̂‖₂                             (Eq. 1, 2)
+Loss = CE(f(x̂), y*) + α R_TV(x̂) + β ‖x̂‖₂²                            (Eq. 1, 2)
        + λ Σ_{l∈Φ} ‖μ_l(x̂) − μ_l(x⁰)‖₂ + ‖σ_l(x̂) − σ_l(x⁰)‖₂             (Eq. 5)
        + γ R_pc(x̂),  R_pc = −D(x̂), D a patch discriminator             (Eq. 6–9)
 
 μ_l, σ_l are the channel mean and standard deviation of layer l's output for each image,
 matched sample by sample against that sample's own target (a batch may mix targets).
+‖x̂‖₂² is each image's squared norm (Eq. 2 squares it), averaged over the batch.
 The targets get a random square crop (``target_crop``…1 of the side, resized back) and
 a random flip every iteration (supplement); their statistics come from a no-grad forward
 of the teacher (eval-mode BN, so per-image statistics do not depend on the batch).
@@ -47,16 +48,16 @@ Controls (guidance keys; the pipeline loads the config's image URLs into them):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from synthesizers.attribution import gaussian_blob, grad_cam, location_loss
-from synthesizers.base import Synthesizer, adam
-from synthesizers.discriminator import PatchDiscriminator, critic_loss
+from synthesizers.base import Synthesizer
+from synthesizers.discriminator import PatchDiscriminator, build_discriminator, critic_loss
 from synthesizers.hooks import named_layers
+from synthesizers.imagine_config import ImagineConfig
 from synthesizers.imagine_support import (
     Reference,
     Statistics,
@@ -67,79 +68,10 @@ from synthesizers.imagine_support import (
     sample_statistics_distance,
 )
 from synthesizers.impression import random_crop
-from synthesizers.losses import cross_entropy, l2_prior, total_variation
-from synthesizers.parametrisation import Parametrisation, PixelImages
+from synthesizers.losses import cross_entropy, squared_l2_prior, total_variation
+from synthesizers.parametrisation import Parametrisation, PixelImages, normalise
 from synthesizers.registry import register
-from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
-
-
-@dataclass
-class ImagineConfig(SynthesizerConfig):
-    iterations: int = 4000  # both stages: 2,000 + 2,000
-    lr: float = 0.2  # Adam for x̂
-    compile: str = "off"  # D is rebuilt per request: a compiled step would recompile
-    adversarial_fraction: float = 0.5  # share of the iterations in stage 2
-    ce_weight: float = 1.0
-    tv_weight: float = 1e-4  # α
-    l2_weight: float = 1e-5  # β
-    feature_weight: float = 5.0  # λ
-    adversarial_weight: float = 10.0  # γ in stage 2 (0: no discriminator, one stage)
-    layers: list[str] | None = None  # Φ by module name; None: per teacher (module doc)
-    target_crop: float = 0.8  # random crop of the targets each iteration; 1 disables it
-    discriminator_lr: float = 5e-4
-    discriminator_betas: tuple[float, float] = (0.5, 0.999)  # SinGAN's
-    discriminator_width: int = 128  # Table 1
-    discriminator_blocks: int = 3  # Table 1: head + 3 blocks
-    gradient_penalty: float = 10.0  # λ_GP: the WGAN-GP paper's (the supplement gives none)
-    position: list[float] | None = None  # [x, y] blob centre, fractions of width, height
-    position_sigma: float = 0.15  # blob width, a fraction of the side
-    position_weight: float = 10.0  # ν
-    position_layer: str | None = None  # Grad-CAM layer; None: the deepest Φ layer
-    shape_image: str | None = None  # URL of the shape image (loaded by the pipeline)
-    shape_layers: list[str] | None = None  # Φ^c; None: the deepest Φ layer
-    style_image: str | None = None  # URL of the style image (loaded by the pipeline)
-    style_layers: list[str] | None = None  # Φ^s; None: Φ without the deepest layer
-    counterfactual_weight: float = 1.0  # of ‖r^q ⊙ (x^q − x̂)‖₁ (Eq. 13)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.adversarial_fraction <= 1.0:
-            raise ValueError(
-                f"adversarial_fraction must be in [0, 1], got {self.adversarial_fraction}"
-            )
-        for name in (
-            "ce_weight",
-            "tv_weight",
-            "l2_weight",
-            "feature_weight",
-            "adversarial_weight",
-            "gradient_penalty",
-            "position_weight",
-            "counterfactual_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not 0.0 < self.target_crop <= 1.0:
-            raise ValueError(f"target_crop must be in (0, 1], got {self.target_crop}")
-        if self.discriminator_lr <= 0 or self.discriminator_width < 1:
-            raise ValueError("discriminator_lr and discriminator_width must be positive")
-        if self.discriminator_blocks < 0:
-            raise ValueError(f"discriminator_blocks must be >= 0, got {self.discriminator_blocks}")
-        if self.position is not None:
-            if len(self.position) != 2:
-                raise ValueError(f"position must be [x, y], got {self.position}")
-            if not all(0.0 <= v <= 1.0 for v in self.position):
-                raise ValueError(
-                    f"position {list(self.position)} is outside the image: x and y are "
-                    "fractions of the width and height, each in [0, 1] ((0, 0) is top-left)"
-                )
-        if not 0.0 < self.position_sigma <= 1.0:
-            raise ValueError(f"position_sigma must be in (0, 1], got {self.position_sigma}")
-        if self.shape_image and self.style_image:
-            raise ValueError("give shape_image or style_image, not both")
-        for name in ("layers", "shape_layers", "style_layers"):
-            if getattr(self, name) is not None and not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty list of module names, or null")
+from synthesizers.spec import Stage, StepContext, SynthesisSpec
 
 
 @register("imagine")
@@ -150,14 +82,18 @@ class Imagine(Synthesizer):
     uses_metadata = True  # the seeds scenario of the metadata stage supplies the targets
     uses_target_images = True  # ... and their images, as guidance["target_images"]
     image_fields: ClassVar[tuple[str, ...]] = ("shape_image", "style_image")
+    # one step's tensors (some hold the autograd graph); dropped when synthesize returns
+    step_state: ClassVar[tuple[str, ...]] = (
+        "augmented",
+        "step_real",
+        "reference_statistics",
+        "matched",
+        "activations",
+        "step_blob",
+    )
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: ImagineConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         c = self.config
         self.defaults = default_layers(self.teacher)
         self.phi = self._layers("layers", c.layers or self.defaults)
@@ -212,7 +148,7 @@ class Imagine(Synthesizer):
         g, shape, batch = spec.guidance, spec.image_shape, len(spec.labels)
         if "target_images" not in g:
             raise ValueError("imagine needs guidance['target_images'] (B, C, H, W) in [0, 1]")
-        self.normalise = _normaliser(spec, self.device)
+        self.norm = (spec.mean, spec.std)  # the teacher's normalisation, for normalise()
         targets = as_images(g["target_images"], "target_images", shape, batch).to(self.device)
         if len(targets) != batch:
             targets = targets.expand(batch, -1, -1, -1)
@@ -232,10 +168,14 @@ class Imagine(Synthesizer):
                 "sigma": self.config.position_sigma,
                 "layer": self.position_layer,
             }
-        self.crop_rng = random.Random(spec.seed)
+        # the targets' crops and flips get their own stream, derived from the request's
+        # seed: sharing the loop's seed would replay x̂'s jitter draws for the targets
+        self.crop_rng = random.Random(f"imagine-target-crop:{spec.seed}")
         self.discriminator = None
         if any(stage.name == "adversarial" for stage in self.stages()):
-            self.discriminator = self._discriminator(spec)
+            self.discriminator, self.critic_optimizer = build_discriminator(
+                spec.image_shape, spec.seed, self.config, self.device
+            )
 
     def _references(
         self, g: dict[str, Any], shape: tuple[int, int, int], targets: torch.Tensor
@@ -250,7 +190,7 @@ class Imagine(Synthesizer):
         if "query_images" in g:  # counterfactual (Eq. 13): masks are 1 inside the regions
             if "shape_image" in g or "style_image" in g:
                 raise ValueError("a counterfactual takes no shape_image or style_image")
-            self.query = self.normalise(as_images(g["query_images"], "query_images", shape, batch))
+            self.query = self._normalise(as_images(g["query_images"], "query_images", shape, batch))
             self.inside = region_mask(
                 g.get("query_regions"), "query_regions", shape, batch, self.device
             )
@@ -258,7 +198,7 @@ class Imagine(Synthesizer):
             region = region_mask(
                 g.get("target_regions"), "target_regions", shape, batch, self.device
             )
-            masked = self.normalise(targets) * region
+            masked = self._normalise(targets) * region
             self.references = [Reference("target", masked, self.phi, rows)]
             self.real = targets
             self.mode["counterfactual"] = True
@@ -266,45 +206,26 @@ class Imagine(Synthesizer):
             shape_image = as_images(g["shape_image"], "shape_image", shape, 1).to(self.device)
             rest = [n for n in self.phi if n not in self.shape_layers]
             self.references = [
-                Reference("shape", self.normalise(shape_image), self.shape_layers, single)
+                Reference("shape", self._normalise(shape_image), self.shape_layers, single)
             ]
             if rest:
-                self.references.append(Reference("target", self.normalise(targets), rest, rows))
+                self.references.append(Reference("target", self._normalise(targets), rest, rows))
             self.real = targets
             self.mode.update(
                 shape_image=self.config.shape_image or True, shape_layers=self.shape_layers
             )
         elif "style_image" in g:
             style = as_images(g["style_image"], "style_image", shape, 1).to(self.device)
-            self.references = [Reference("style", self.normalise(style), self.style_layers, single)]
+            self.references = [
+                Reference("style", self._normalise(style), self.style_layers, single)
+            ]
             self.real = style.expand(batch, -1, -1, -1)
             self.mode.update(
                 style_image=self.config.style_image or True, style_layers=self.style_layers
             )
         else:
-            self.references = [Reference("target", self.normalise(targets), self.phi, rows)]
+            self.references = [Reference("target", self._normalise(targets), self.phi, rows)]
             self.real = targets
-
-    def _discriminator(self, spec: SynthesisSpec) -> PatchDiscriminator:
-        c = self.config
-        size = min(spec.image_shape[1:])
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # its weights leave x̂'s stream alone
-            torch.manual_seed(spec.seed + 1)
-            network = PatchDiscriminator(
-                spec.image_shape[0], c.discriminator_width, c.discriminator_blocks
-            )
-        if size <= network.receptive_field:
-            raise ValueError(
-                f"{size}-pixel images are too small for a {c.discriminator_blocks}-block patch "
-                f"discriminator (receptive field {network.receptive_field}); lower "
-                "discriminator_blocks"
-            )
-        network.to(self.device).train().requires_grad_(False)  # trained in after_step only
-        self.critic_optimizer = adam(
-            list(network.parameters()), c.discriminator_lr, c.discriminator_betas, c.fused_optimizer
-        )
-        return network
 
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")
@@ -319,6 +240,7 @@ class Imagine(Synthesizer):
             spec.mean,
             spec.std,
             None if init is None else init.cpu(),
+            self.config.clip,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -361,6 +283,10 @@ class Imagine(Synthesizer):
         finally:
             handle.remove()
 
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] guidance images -> the teacher's input, on the synthesizer's device."""
+        return normalise(images.to(self.device), *self.norm)
+
     def _keep_activations(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         self.activations = output
 
@@ -377,7 +303,7 @@ class Imagine(Synthesizer):
         terms = {
             "ce": cross_entropy(ctx.logits, ctx.labels),
             "tv": total_variation(ctx.inputs),
-            "l2": l2_prior(ctx.inputs),
+            "l2": squared_l2_prior(ctx.inputs),  # Eq. 2: β‖x̂‖², squared
         }
         if self.reference_statistics:
             matched = self.matched or {r.name: mean_std(r) for r in ctx.features}
@@ -401,7 +327,7 @@ class Imagine(Synthesizer):
         """One WGAN-GP step of the discriminator (stage 2 only)."""
         if ctx.stage.name != "adversarial" or self.discriminator is None:
             return
-        real = self.normalise(self.step_real)
+        real = self._normalise(self.step_real)
         fake = ctx.images.detach().float()
         epsilon = torch.rand(len(fake), device=fake.device)
         self.discriminator.requires_grad_(True)
@@ -411,9 +337,3 @@ class Imagine(Synthesizer):
         self.critic_optimizer.step()
         self.discriminator.requires_grad_(False)  # x̂'s step must not train D
         self.critic_loss = float(loss.detach())
-
-
-def _normaliser(spec: SynthesisSpec, device: torch.device):
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    return lambda images: (images.to(device) - mean) / std

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from synthesizers.imagine import Imagine, ImagineConfig
+from synthesizers.parametrisation import normalise
 from synthesizers.spec import SynthesisResult, SynthesisSpec
 
 
@@ -50,10 +51,8 @@ def counterfactual(
         raise ValueError("query and example must be single (C, H, W) images")
     synthesizer = Imagine(teacher, config, device)
     if target_class is None:
-        norm_mean = torch.tensor(mean).view(1, -1, 1, 1)
-        norm_std = torch.tensor(std).view(1, -1, 1, 1)
         with torch.no_grad():
-            inputs = ((example.unsqueeze(0).float() - norm_mean) / norm_std).to(synthesizer.device)
+            inputs = normalise(example.unsqueeze(0).float(), mean, std).to(synthesizer.device)
             target_class = int(synthesizer.teacher(inputs).argmax(dim=1))
     guidance = {
         "query_images": query.unsqueeze(0).expand(variations, -1, -1, -1),

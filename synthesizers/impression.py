@@ -34,6 +34,7 @@ from torch import nn
 
 from synthesizers.base import Synthesizer
 from synthesizers.hooks import LayerStatistics, capture_statistics, conv_layers, named_layers
+from synthesizers.parametrisation import normalise
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
 
@@ -89,13 +90,13 @@ def ensemble(codes: Codes) -> Codes:
     """Eq. 6: the code of the whole set, (C,) per layer, from per-image codes (N, C).
 
     Exact for images of one size: the mean over all responses is the mean of the
-    images' means, and E[x²] of each image is var + mean².
+    images' means, and the variance is the mean of their variances plus the variance of
+    their means (the parallel formula; never E[x²] − E[x]², which cancels in float32).
     """
     result = {}
     for name, (mean, var) in codes.items():
         first = mean.mean(dim=0)
-        second = (var + mean * mean).mean(dim=0)
-        result[name] = (first, (second - first * first).clamp_min(0.0))
+        result[name] = (first, var.mean(dim=0) + (mean - first).square().mean(dim=0))
     return result
 
 
@@ -107,9 +108,9 @@ def class_codes(codes: Codes, labels: torch.Tensor, num_classes: int) -> tuple[C
     for name, (mean, var) in codes.items():
         one_hot = F.one_hot(labels, num_classes).to(mean.dtype)  # (N, K)
         scale = 1.0 / counts.clamp_min(1).to(mean.dtype)[:, None]
-        first = (one_hot.t() @ mean) * scale
-        second = (one_hot.t() @ (var + mean * mean)) * scale
-        result[name] = (first, (second - first * first).clamp_min(0.0))
+        first = (one_hot.t() @ mean) * scale  # (K, C)
+        spread = (mean - first[labels]).square()  # (N, C) around the own class's mean
+        result[name] = (first, (one_hot.t() @ (var + spread)) * scale)
     return result, counts
 
 
@@ -141,7 +142,7 @@ def impression_loss(
 ) -> torch.Tensor:
     """½‖z − ẑ‖² (Eq. 2) summed over layers, averaged over the classes in the batch
     (``match="class"``, Eq. 6 per class) or over the images (``match="sample"``)."""
-    total = features[0].moments[0].new_zeros(())
+    total = features[0].per_sample()[0].new_zeros(())
     num_classes = next(iter(targets.values()))[0].shape[0]
     for record in features:
         target_mean, target_var = targets[record.name]
@@ -210,13 +211,8 @@ class ImpressionSynthesizer(Synthesizer):
     feature_side = "output"
     uses_metadata = True  # the metadata stage's per-class statistics are class codes (Eq. 6)
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: ImpressionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         try:
             self.layers = template_layers(self.teacher, self.config.layers)
         except KeyError as error:
@@ -255,9 +251,7 @@ class ImpressionSynthesizer(Synthesizer):
             raise ValueError("content_weight needs guidance['init_images'] (translation)")
         self.sources = None
         if init is not None:  # the content term compares in the optimised, normalised space
-            mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-            std = torch.tensor(spec.std).view(1, -1, 1, 1)
-            self.sources = ((init.float() - mean) / std).to(self.device)
+            self.sources = normalise(init.float(), spec.mean, spec.std).to(self.device)
 
     def augment(self, images: torch.Tensor, rng: Random) -> torch.Tensor:
         if self.config.crop_min_side < 1.0:

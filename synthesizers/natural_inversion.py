@@ -21,23 +21,30 @@ batches (:class:`synthesizers.adi.StudentCompetition`; ``student_arch`` as for A
 
 Defaults: the paper's public CIFAR-10 setting (batch 256 is the plan's batch size):
 2,000 iterations, Adam lr 1e-3 for G (``lr``), 5e-4 for P, 0.05 for α, BN weight 10,
-l2 1.5e-5. For CIFAR-100 set ``iterations: 4000`` and ``bn_weight: 3``.
+l2 1.5e-5. For CIFAR-100 set ``iterations: 4000`` and ``bn_weight: 3``. Three settings the
+paper does not state are taken from the authors' code (github.com/kdst-team/NaturalInversion,
+``NaturalInversion.py``): TV weight 6e-3 (its ``--var_scale`` default), α drawn from
+N(5, 1) per image and channel (``torch.nn.init.normal_(alpha, 5.0, 1)``), and P fed the
+teacher's features of a detached copy of x̂ computed under ``no_grad`` (``input_for_f``),
+so G learns only through its own output and P only through its weights.
 
 Our choices where the paper is silent (its appendix with the networks is not in our copy):
 
 * x̂, m_N and Î live in the teacher's normalised input space, the "channel scale range
-  of normalised data" that α is meant to learn; α starts at 1. Stored images are Î
-  mapped back to [0, 1] and clipped, as for every method.
+  of normalised data" that α is meant to learn. Stored images are Î mapped back to
+  [0, 1] and clipped, as for every method. (The authors' script saves each image
+  min-max rescaled instead, so α's scale never shows there; here an α that stays near 5
+  saturates the stored pixels, and the BN term must pull it toward the data's range.)
 * G follows the generator of DAFL (Chen et al. 2019, which the paper compares with): a
   linear map of [z, y] to 2·``generator_width`` channels at H/2^k, k upsampling blocks
   (nearest ×2, 3×3 conv, BN, LeakyReLU 0.2; the last one ``generator_width`` wide), a
   3×3 conv to C channels, tanh, and a BN without affine parameters. k = 2 for 32×32
   images (start 8×8), more for larger ones (224: k = 5, start 7×7). ``latent_dim`` 100.
-* P's feature maps come from a teacher pass on x̂ itself (not augmented), in the loop's
-  precision, with their gradients: G learns through P as well as directly. P has no
-  nonlinearity (Eq. 5 has none) and upsamples bilinearly.
-* TV weight 2.5e-5, DeepInversion's CIFAR setting (the paper names R_TV without a value);
-  Adam betas and the cosine schedule are the loop's, for all three parameter groups.
+* P's feature maps come from a no-grad teacher pass on x̂ itself (the authors' script
+  passes the jittered and flipped x̂), in the loop's precision. P has no nonlinearity
+  (Eq. 5 has none) and upsamples bilinearly.
+* Adam betas and the cosine schedule are the loop's, for all three parameter groups
+  (the authors' script: Adam's default betas, a constant rate).
 
 Each iteration runs the teacher twice with FTP on (features of x̂, then the loss on Î).
 """
@@ -53,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthesizers.adi import CompetitionConfig, StudentCompetition
-from synthesizers.base import Synthesizer, adam
+from synthesizers.base import Synthesizer
 from synthesizers.deepinversion import batchnorm_statistics_loss
 from synthesizers.feature_pyramid import (
     FeatureTransferPyramid,
@@ -62,10 +69,13 @@ from synthesizers.feature_pyramid import (
     tap_outputs,
 )
 from synthesizers.hooks import batchnorm_layers
+from synthesizers.loop import adam
 from synthesizers.losses import cross_entropy, l2_prior, total_variation
 from synthesizers.parametrisation import Parametrisation
 from synthesizers.registry import register
 from synthesizers.spec import Stage, StepContext, SynthesisSpec, SynthesizerConfig
+
+ALPHA_MEAN = 5.0  # α's initial mean (standard deviation 1), the authors' code
 
 
 @dataclass
@@ -76,7 +86,7 @@ class NaturalInversionConfig(CompetitionConfig, SynthesizerConfig):
     alpha_lr: float = 0.05  # η_α
     ce_weight: float = 1.0
     bn_weight: float = 10.0  # 3 for CIFAR-100
-    tv_weight: float = 2.5e-5
+    tv_weight: float = 6e-3  # the authors' --var_scale (the paper gives no value)
     l2_weight: float = 1.5e-5
     one_to_one: bool = True  # a fresh G, P and α per batch
     ftp: bool = True  # the Feature Transfer Pyramid
@@ -166,7 +176,8 @@ class NaturalImages(Parametrisation):
         self.register_buffer("z", latent)  # (B, latent_dim)
         self.register_buffer("labels", labels)  # (B,)
         shape = (len(labels), len(mean), 1, 1)
-        self.alpha = nn.Parameter(torch.ones(shape)) if acs else None  # (B, C, 1, 1)
+        # α ~ N(5, 1) as in the authors' code, drawn from the batch's seed
+        self.alpha = nn.Parameter(torch.randn(shape) + ALPHA_MEAN) if acs else None  # (B, C, 1, 1)
         self.features = features
         self.autocast = autocast
 
@@ -174,7 +185,12 @@ class NaturalImages(Parametrisation):
         with self.autocast():
             x = self.generator(self.z, self.labels)  # x̂
             if self.pyramid is not None:
-                x = x + self.pyramid(self.features(x))  # m_N ⊕ x̂
+                # P reads the teacher's features of a detached x̂, as the authors do: no
+                # graph through the teacher's first pass, and G's gradient comes only
+                # through its own output in m_N ⊕ x̂
+                with torch.no_grad():
+                    features = self.features(x.detach())
+                x = x + self.pyramid(features)  # m_N ⊕ x̂
         x = x.float()
         return x if self.alpha is None else self.alpha * x
 
@@ -194,13 +210,8 @@ class NaturalInversion(StudentCompetition, Synthesizer):
     config: NaturalInversionConfig
     needs_batchnorm = True
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: NaturalInversionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(teacher, config, device)
+    def setup(self) -> None:
+        super().setup()
         self.bn_layers = batchnorm_layers(self.teacher)  # the base checked there are some
         # per image shape: the pyramid levels and the teacher's number of classes
         self.geometry: dict[tuple[int, ...], tuple[list[PyramidLevel], int]] = {}

@@ -6,8 +6,22 @@ returning another :class:`Parametrisation` from ``Synthesizer.parametrise``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+def normalise(
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """[0, 1] images (N, C, H, W) -> the teacher's normalised input ``(x - mean) / std``,
+    on the images' device. The one normaliser of every synthesizer."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
 
 
 class Parametrisation(nn.Module):
@@ -27,12 +41,13 @@ class Parametrisation(nn.Module):
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the teacher's normalised input."""
-        return (images - self.mean) / self.std
+        return normalise(images, self.mean, self.std)
 
 
 class PixelImages(Parametrisation):
     """Pixels optimised directly, in the teacher's normalised space, started from
-    N(0, 1) noise and clipped to the valid range after each step (as DeepInversion)."""
+    N(0, 1) noise and, with ``clip``, clipped to the valid range after each step (as
+    DeepInversion's ImageNet script; its CIFAR script never clips)."""
 
     def __init__(
         self,
@@ -41,16 +56,20 @@ class PixelImages(Parametrisation):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         init: torch.Tensor | None = None,
+        clip: bool = True,
     ) -> None:
         super().__init__(mean, std)
         init = torch.randn(batch, *image_shape) if init is None else self.normalise(init)
         self.pixels = nn.Parameter(init)  # (B, C, H, W)
+        self.clip = clip
 
     def forward(self) -> torch.Tensor:
         return self.pixels
 
     @torch.no_grad()
     def project(self) -> None:
+        if not self.clip:
+            return
         low = (0.0 - self.mean) / self.std
         high = (1.0 - self.mean) / self.std
         self.pixels.copy_(torch.maximum(torch.minimum(self.pixels, high), low))

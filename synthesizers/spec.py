@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from synthesizers.hooks import LayerStatistics
+
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_factor(iteration: int, iterations: int, schedule: str, warmup: int) -> float:
+    """The learning rate of ``iteration`` (from 0) of a stage, as a fraction of ``lr``:
+    a linear warm-up over the first ``warmup`` iterations ((i + 1) / warmup), then cosine
+    to 0 over the remaining ones, or constant (DeepInversion's ``lr_cosine_policy``)."""
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(iterations - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (iteration - warmup) / span))
 
 
 @dataclass
@@ -18,10 +33,13 @@ class SynthesizerConfig:
     iterations: int = 2000
     lr: float = 0.05
     betas: tuple[float, float] = (0.5, 0.9)
+    lr_schedule: str = "cosine"  # cosine (to 0 over each stage) | constant
+    warmup: int = 0  # iterations of linear learning-rate warm-up at the start of each stage
     precision: str = "auto"  # auto | bf16 | fp16 (with loss scaling) | fp32
     channels_last: bool = True
     jitter: int = 2  # random translation in pixels, each iteration
     flip: bool = True  # random horizontal flip, each iteration
+    clip: bool = True  # pixels projected into the valid [0, 1] range after each step
     log_every: int = 0  # log every term every N iterations; 0 logs only the end
     # Speed switches: each changes how fast the loop runs, never what it computes
     # (tests/test_performance.py checks each against the plain path).
@@ -36,6 +54,10 @@ class SynthesizerConfig:
     early_stop: bool = False
     early_stop_every: int = 50  # iterations between checks (each costs one forward)
     early_stop_tolerance: float = 0.01
+    # Return the batch's iterate with the lowest total loss (of the last stage) instead of
+    # the last one, as both authors' CIFAR scripts mean to (DeepInversion's and
+    # NaturalInversion's keep one best batch, not one best image).
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -46,6 +68,12 @@ class SynthesizerConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.jitter < 0:
             raise ValueError(f"jitter must be non-negative, got {self.jitter}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.early_stop_every < 1:

@@ -4,6 +4,7 @@ image-guided runs through the task graph (inline and on 2 Ray actors)."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from test_synthesizers import MEAN, STD, tiny_teacher
+from test_synthesizers import MEAN, STD, graph_holders, tiny_teacher
 from torch import nn
 
 from pipeline.cli.main import main
@@ -39,8 +40,8 @@ class Recording(Imagine):
     """Imagine that logs, per step, whether the adversarial term was computed and
     whether the discriminator's weights changed."""
 
-    def __init__(self, teacher: nn.Module, config: ImagineConfig) -> None:
-        super().__init__(teacher, config)
+    def setup(self) -> None:
+        super().setup()
         self.computed: list[tuple[str, bool]] = []
         self.trained: list[tuple[str, bool]] = []
 
@@ -81,6 +82,48 @@ def test_same_seed_same_variations() -> None:
     )
     assert torch.equal(first.images, again.images) and first.losses == again.losses
     assert not torch.equal(first.images, other.images)
+
+
+def test_the_image_prior_is_the_squared_norm_of_each_image() -> None:
+    """Eq. 2: β‖x̂‖² (squared), per image and averaged over the batch, on x̂ as the teacher
+    sees it (one iteration, no jitter or flip: the starting pixels)."""
+    config = ImagineConfig(iterations=1, adversarial_weight=0, jitter=0, flip=False)
+    synth = build_synthesizer("imagine", tiny_teacher(), config)
+    built = []
+    parametrise = synth.parametrise
+
+    def record(spec):
+        pixels = parametrise(spec)
+        built.append(pixels.pixels.detach().clone())
+        return pixels
+
+    synth.parametrise = record  # type: ignore[method-assign]
+    result = synth.synthesize(request())
+    expected = built[0].square().flatten(1).sum(dim=1).mean()
+    assert result.losses["l2"] == pytest.approx(float(expected), rel=1e-5)
+    assert result.losses["l2"] > 10 * float(built[0].norm())  # not the batch's plain norm
+
+
+def test_the_target_crops_have_a_stream_of_their_own() -> None:
+    """Seeded from the request's seed, but not with it: the loop's jitter stream is
+    random.Random(seed), and the targets' crops must not replay its draws."""
+    synth = build_synthesizer("imagine", tiny_teacher(), ImagineConfig(iterations=2, **FAST))
+    draws = []
+    for _ in range(2):
+        synth.prepare(request(seed=7))
+        draws.append([synth.crop_rng.random() for _ in range(4)])
+    assert draws[0] == draws[1]  # deterministic
+    loop = random.Random(7)
+    assert draws[0] != [loop.random() for _ in range(4)]
+
+
+def test_no_graph_outlives_synthesize() -> None:
+    """With the position control and the discriminator on, the last step's activations
+    and blob (which hold the autograd graph) are dropped when synthesize returns."""
+    config = ImagineConfig(iterations=4, position=[0.5, 0.5], position_layer="1", **FAST)
+    synth = build_synthesizer("imagine", tiny_teacher(), config)
+    synth.synthesize(request())
+    assert graph_holders(synth) == []
 
 
 def test_the_discriminator_is_table_1_and_reseeded_per_request() -> None:

@@ -107,3 +107,31 @@ def test_a_method_that_matches_statistics_needs_a_metadata_source(make_config, t
     with pytest.raises(InputError, match="needs feature statistics: set metadata.source"):
         run_job(config)
     assert not (tmp_path / "out" / "test").exists()
+
+
+def test_deepinversion_preset_from_yaml_and_set(make_config) -> None:
+    """The preset is a plain field of the method's config: YAML and --set reach it, an
+    explicit field wins, a bad name is refused naming the valid ones; the CIFAR configs
+    name the CIFAR preset."""
+    from pipeline.config import load_config
+
+    params = make_config(synthesizer={"name": "deepinversion", "preset": "imagenet"})
+    params = params.synthesizer.params
+    assert (params.preset, params.warmup, params.betas, params.clip) == (
+        "imagenet",
+        100,
+        (0.5, 0.9),
+        True,
+    )
+    mixed = make_config(synthesizer={"name": "adi", "preset": "imagenet", "clip": False})
+    assert mixed.synthesizer.params.clip is False
+    assert mixed.to_dict()["synthesizer"]["preset"] == "imagenet"
+    with pytest.raises(InputError, match="valid presets: cifar, imagenet"):
+        make_config(synthesizer={"name": "deepinversion", "preset": "cifar-10"})
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("demo.yaml", "cifar10-deepinversion.yaml"):
+        config = load_config(repo / "configs" / name)
+        assert config.synthesizer.params.preset == "cifar"
+        assert config.synthesizer.params.lr_schedule == "constant"
+    overridden = load_config(repo / "configs" / "demo.yaml", ["synthesizer.preset=imagenet"])
+    assert overridden.synthesizer.params.lr == 0.1  # the demo's own lr still wins

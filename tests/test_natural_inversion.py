@@ -143,7 +143,7 @@ def test_without_one_to_one_one_generator_trains_across_batches() -> None:
     generator_state = {k: v for k, v in at_second.items() if k.startswith("generator.")}
     assert same({f"generator.{k}": v for k, v in after_first.items()}, generator_state)
     assert second.alpha is not first.alpha  # α belongs to a batch's images
-    assert torch.equal(at_second["alpha"], torch.ones(8, 3, 1, 1))
+    assert not torch.equal(at_second["alpha"], state(first)["alpha"])  # drawn afresh
     assert not torch.equal(first.z, second.z)
 
 
@@ -212,6 +212,40 @@ def test_the_adi_combination_adds_the_competition_term_and_distils_the_student()
     twin = natural(competition_weight=5.0)
     twin.attach_student(copy.deepcopy(twin.teacher))  # agrees with the teacher everywhere
     assert twin.synthesize(spec()).losses["competition"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_authors_settings_tv_alpha_and_a_detached_pyramid_input() -> None:
+    """kdst-team/NaturalInversion: --var_scale 6e-3, α ~ N(5, 1), and the pyramid fed the
+    teacher's features of x̂.clone().detach() under no_grad."""
+    assert NaturalInversionConfig().tv_weight == 6e-3
+    synth = natural()
+    built = spy(synth)
+    seen: list[tuple[bool, bool, bool]] = []
+    features_of = synth.pyramid_features
+
+    def recording(levels):
+        features = features_of(levels)
+
+        def record(images: torch.Tensor) -> list[torch.Tensor]:
+            out = features(images)
+            grads = any(f.requires_grad or f.grad_fn is not None for f in out)
+            seen.append((torch.is_grad_enabled(), images.requires_grad, grads))
+            return out
+
+        return record
+
+    synth.pyramid_features = recording  # type: ignore[method-assign]
+    synth.synthesize(spec())
+    assert seen and all(entry == (False, False, False) for entry in seen)
+    alpha = built[0][1]["alpha"]  # as drawn, before any step
+    assert alpha.shape == (8, 3, 1, 1)
+    assert 4.3 < float(alpha.mean()) < 5.7 and 0.5 < float(alpha.std()) < 1.6
+    # the generator still learns (through its own output), and so does the pyramid
+    images, at_build = built[0]
+    trained = state(images)
+    for part in ("generator", "pyramid"):
+        keys = [k for k in trained if k.startswith(part)]
+        assert any(not torch.equal(trained[k], at_build[k]) for k in keys), part
 
 
 def test_config_is_validated() -> None:

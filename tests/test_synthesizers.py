@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,6 @@ from synthesizers import (
     get_synthesizer,
     synthesizer_names,
 )
-from synthesizers.base import weighted_total
 from synthesizers.deepinversion import DeepInversionConfig
 from synthesizers.hooks import (
     batchnorm_layers,
@@ -28,8 +29,16 @@ from synthesizers.hooks import (
     conv_layers,
     named_layers,
 )
-from synthesizers.losses import channel_statistics, total_variation
-from synthesizers.parametrisation import PixelImages
+from synthesizers.loop import weighted_total
+from synthesizers.losses import (
+    channel_statistics,
+    fused_sample_moments,
+    l2_prior,
+    sample_moments,
+    total_variation,
+    total_variation_l1,
+)
+from synthesizers.parametrisation import PixelImages, normalise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -75,10 +84,12 @@ def test_registry_lists_valid_names_on_unknown() -> None:
         get_synthesizer("deep-inversion")
 
 
+@pytest.mark.parametrize("keep_best", [False, True])
 @pytest.mark.parametrize("name", sorted(SYNTHESIZERS))
-def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
+def test_every_registered_synthesizer_runs_two_iterations(name: str, keep_best: bool) -> None:
     method = get_synthesizer(name)
-    synth = build_synthesizer(name, tiny_teacher(), method.config_class(iterations=2))
+    config = method.config_class(iterations=2, keep_best=keep_best)
+    synth = build_synthesizer(name, tiny_teacher(), config)
     request = spec()
     if method.uses_metadata:
         request.guidance.update(metadata_guidance(synth))
@@ -92,6 +103,30 @@ def test_every_registered_synthesizer_runs_two_iterations(name: str) -> None:
     assert torch.allclose(result.probs.sum(1), torch.ones(8), atol=1e-5)
     assert result.iterations == 2
     assert "total" in result.losses and all(math.isfinite(v) for v in result.losses.values())
+    assert graph_holders(synth) == []  # nothing of the last step's graph is kept
+
+
+def graph_holders(obj: object, path: str = "synth", seen: set[int] | None = None) -> list[str]:
+    """Paths of the tensors reachable from ``obj``'s attributes that require gradients or
+    hold an autograd graph (modules: their parameters and buffers)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [path] if obj.requires_grad or obj.grad_fn is not None else []
+    if isinstance(obj, nn.Module):
+        tensors = [*obj.named_parameters(), *obj.named_buffers()]
+        return [f"{path}.{n}" for n, t in tensors if t.requires_grad or t.grad_fn is not None]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple, set)):
+        items = enumerate(obj)
+    elif type(obj).__module__.startswith(("synthesizers", "test_")) and hasattr(obj, "__dict__"):
+        items = vars(obj).items()
+    else:
+        return []
+    return [h for key, value in items for h in graph_holders(value, f"{path}.{key}", seen)]
 
 
 def test_deepinversion_returns_every_term_and_teacher_stays_frozen() -> None:
@@ -233,8 +268,8 @@ class TwoStageMethod(Synthesizer):
 
     config_class = SynthesizerConfig
 
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__(teacher, SynthesizerConfig(iterations=3, lr=0.01))
+    def setup(self) -> None:
+        super().setup()
         self.seen: list[tuple[str, float]] = []
         self.critic_steps = 0
 
@@ -272,7 +307,7 @@ class TwoStageMethod(Synthesizer):
 
 
 def test_the_base_admits_generators_stages_auxiliary_networks_and_guidance() -> None:
-    method = TwoStageMethod(tiny_teacher())
+    method = TwoStageMethod(tiny_teacher(), SynthesizerConfig(iterations=3, lr=0.01))
     request = spec()
     request.guidance["target_images"] = torch.zeros(8, 3, 16, 16)
     result = method.synthesize(request)
@@ -285,3 +320,190 @@ def test_the_base_admits_generators_stages_auxiliary_networks_and_guidance() -> 
     ]
     assert all(moved)  # the generator, not pixels, was optimised
     assert result.images.shape == (8, 3, 16, 16)
+
+
+def test_no_method_defines_a_constructor_and_setup_runs_once_per_build() -> None:
+    """The base owns construction; a method (and the ADI mixin) fills in setup()."""
+    import inspect
+
+    for cls in SYNTHESIZERS.values():
+        for klass in cls.__mro__:
+            if klass is not Synthesizer and klass.__module__.startswith("synthesizers."):
+                assert "__init__" not in vars(klass), f"{klass.__name__} defines __init__"
+    assert inspect.signature(Synthesizer.__init__).parameters.keys() == {
+        "self",
+        "teacher",
+        "config",
+        "device",
+    }
+
+    calls: list[str] = []
+
+    class Counting(get_synthesizer("adi")):  # a mixin and a method under it
+        def setup(self) -> None:
+            super().setup()
+            calls.append("setup")
+
+    synth = Counting(tiny_teacher(), get_synthesizer("adi").config_class(iterations=1))
+    assert calls == ["setup"]
+    assert synth.bn_layers and synth.student is None  # DeepInversion's and the mixin's
+
+
+def test_one_normaliser_for_every_synthesizer() -> None:
+    import synthesizers
+
+    images = torch.rand(2, 3, 4, 4)
+    expected = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalise(images, MEAN, STD), expected)
+    assert torch.allclose(PixelImages(2, (3, 4, 4), MEAN, STD).normalise(images), expected)
+    package = Path(synthesizers.__file__).parent
+    for path in package.glob("*.py"):
+        text = path.read_text()
+        assert "_normaliser" not in text, path.name
+        if path.name != "parametrisation.py":  # where the one normaliser lives
+            assert "view(1, -1, 1, 1)" not in text, path.name
+
+
+@pytest.mark.parametrize("moments", [sample_moments, fused_sample_moments])
+def test_statistics_keep_a_small_variance_under_a_large_mean(moments) -> None:
+    """Features of mean 1,000 and standard deviation 0.1: E[x²] − E[x]² in float32 keeps
+    nothing of the variance (E[x²] ≈ 1e6 has a resolution of about 0.06); the centred
+    moments combined with the parallel formula keep it to float32 rounding."""
+    torch.manual_seed(0)
+    reference = 1000.0 + 0.1 * torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    reference += torch.arange(6, dtype=torch.float64).view(6, 1, 1, 1) * 0.05  # means differ
+    labels = torch.tensor([0, 1, 0, 1, 1, 2])
+    layer = nn.Identity()
+    with capture_statistics([("id", layer)], "output", moments) as (record,):
+        layer(reference.float())
+        batch_var = reference.var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(record.var.double(), batch_var, rtol=1e-3, atol=0)
+        _, sample_var = record.per_sample()
+        expected = reference.var(dim=(2, 3), unbiased=False)
+        torch.testing.assert_close(sample_var.double(), expected, rtol=1e-3, atol=0)
+        _, class_var, _ = record.per_class(labels, 3)
+        for k in range(3):
+            expected = reference[labels == k].var(dim=(0, 2, 3), unbiased=False)
+            torch.testing.assert_close(class_var[k].double(), expected, rtol=1e-3, atol=0)
+
+
+def test_only_2d_batch_norm_is_hooked() -> None:
+    """A BatchNorm1d head (on pooled vectors) is neither matched nor breaks the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.BatchNorm1d(8),
+        nn.Linear(8, 4),
+    ).eval()
+    assert [name for name, _ in batchnorm_layers(model)] == ["1"]
+    synth = build_synthesizer("deepinversion", model, DeepInversionConfig(iterations=2))
+    assert len(synth.feature_layers()) == 1
+    assert math.isfinite(synth.synthesize(spec()).losses["bn"])
+
+
+class LearningRates(get_synthesizer("deepinversion")):
+    """DeepInversion that records the image learning rate of every step."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rates: list[float] = []
+
+    def optimizer(self, parametrisation, stage):
+        self.current = super().optimizer(parametrisation, stage)
+        return self.current
+
+    def after_step(self, ctx) -> None:
+        self.rates.append(self.current.param_groups[0]["lr"])  # the next step's rate
+
+
+def test_deepinversion_presets_are_the_authors_two_scripts() -> None:
+    cifar = DeepInversionConfig()
+    assert cifar.preset == "cifar"
+    assert (cifar.betas, cifar.lr_schedule, cifar.warmup) == ((0.9, 0.999), "constant", 0)
+    assert (cifar.flip, cifar.clip, cifar.jitter, cifar.lr) == (False, False, 2, 0.05)
+    assert (cifar.bn_weight, cifar.tv_weight, cifar.l2_weight) == (10.0, 2.5e-5, 0.0)
+    imagenet = DeepInversionConfig(preset="imagenet")
+    assert (imagenet.betas, imagenet.lr_schedule, imagenet.warmup) == ((0.5, 0.9), "cosine", 100)
+    assert (imagenet.flip, imagenet.clip, imagenet.l2_per_image) == (True, True, True)
+    assert imagenet.first_bn_multiplier == 10.0
+    with pytest.raises(
+        ValueError, match="unknown preset 'cifar10'; valid presets: cifar, imagenet"
+    ):
+        DeepInversionConfig(preset="cifar10")
+    # what the user sets wins over the preset
+    mixed = DeepInversionConfig(preset="imagenet", flip=False, lr=0.1, warmup=0)
+    assert (mixed.flip, mixed.lr, mixed.warmup, mixed.clip) == (False, 0.1, 0, True)
+    assert get_synthesizer("adi").config_class(preset="imagenet").warmup == 100
+
+
+def test_the_presets_drive_the_loop() -> None:
+    teacher = tiny_teacher()
+    constant = LearningRates(teacher, DeepInversionConfig(iterations=4))
+    result = constant.synthesize(spec())
+    assert constant.rates == [0.05] * 4
+    assert set(result.losses) == {"ce", "bn", "tv", "l2", "total"}
+    config = DeepInversionConfig(preset="imagenet", iterations=104, jitter=2)
+    warm = LearningRates(teacher, config)
+    result = warm.synthesize(spec())
+    assert warm.rates[0] == pytest.approx(0.25 * 2 / 100)  # after step 0: step 1's rate
+    assert warm.rates[98] == pytest.approx(0.25)  # step 99, the last of the warm-up
+    assert warm.rates[99] == pytest.approx(0.25)  # step 100: the cosine starts at lr
+    assert warm.rates[100] < 0.25
+    assert set(result.losses) == {"ce", "bn", "tv", "tv_l1", "l2", "total"}
+    # the CIFAR script neither flips nor clips
+    image = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4)
+    jitterless = build_synthesizer("deepinversion", teacher, DeepInversionConfig(jitter=0))
+    rng = random.Random(0)
+    assert all(torch.equal(jitterless.augment(image, rng), image) for _ in range(20))
+    pixels = jitterless.parametrise(spec())
+    with torch.no_grad():
+        pixels.pixels.mul_(100)
+    before = pixels.pixels.clone()
+    pixels.project()
+    assert torch.equal(pixels.pixels, before)
+
+
+def test_per_image_l2_and_tv_l1() -> None:
+    x = torch.zeros(2, 1, 2, 2)
+    x[0] = 3.0  # image 0 has norm 6, image 1 norm 0
+    assert l2_prior(x).item() == pytest.approx(6.0)
+    assert l2_prior(x, per_image=True).item() == pytest.approx(3.0)
+    ramp = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    # |dx| = 1 everywhere, dy = 0, both diagonals 1
+    assert total_variation_l1(ramp).item() == pytest.approx(3.0)
+
+
+class Tracing(get_synthesizer("deepinversion")):
+    """DeepInversion that records every iterate it computes a loss on, with the total."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.trace: list[tuple[float, torch.Tensor]] = []
+
+    def forward_loss(self, ctx, weights):
+        terms, total = super().forward_loss(ctx, weights)
+        self.trace.append((float(total.detach()), ctx.images.detach().clone()))
+        return terms, total
+
+
+def test_keep_best_returns_the_lowest_loss_iterate_of_the_batch() -> None:
+    """Per batch, as the authors' CIFAR scripts: the whole batch at the iteration whose
+    total loss was lowest (the images that loss was computed on, before their step)."""
+    fields = {"iterations": 12, "lr": 0.5, "precision": "fp32", "channels_last": False}
+    assert SynthesizerConfig().keep_best is False  # the last iterate unless asked
+    kept = Tracing(tiny_teacher(), DeepInversionConfig(keep_best=True, **fields))
+    result = kept.synthesize(spec())
+    totals = [total for total, _ in kept.trace]
+    best = min(range(len(totals)), key=totals.__getitem__)
+    assert best < len(totals) - 1  # the run's loss went up again: the test means something
+    pixels = kept.parametrise(spec())  # the normalisation, to map the kept iterate back
+    expected = (pixels.to_unit(kept.trace[best][1]) * 255).round() / 255
+    assert torch.equal(result.images, expected)
+    assert result.losses["total"] == pytest.approx(totals[best], rel=1e-6)
+    last = Tracing(tiny_teacher(), DeepInversionConfig(**fields)).synthesize(spec())
+    assert not torch.equal(last.images, result.images)
+    assert last.losses["total"] == pytest.approx(totals[-1], rel=1e-6)

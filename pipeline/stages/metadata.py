@@ -223,7 +223,8 @@ def finish(
     for name in names:
         denominator = count.clamp_min(1.0)[:, None]
         mean = sums.first[name] / denominator
-        var = (sums.second[name] / denominator - mean * mean).clamp_min(0.0)
+        between = (sums.second[name] / denominator - mean * mean).clamp_min(0.0)
+        var = sums.within[name] / denominator + between
         statistics[name] = (mean.float(), var.float())
     if scenario == "seeds":
         labels = sums.predictions

@@ -1,7 +1,9 @@
 """Per-target feature statistics of source images: the metadata stage's collection.
 
-Per-row sums of per-image moments (float64), collected in this process or, for large
-sources, in chunks by the executor's pool, then merged.
+Per-row sums of per-image channel means, squared means and centred variances (float64),
+collected in this process or, for large sources, in chunks by the executor's pool, then
+merged. A row's variance is the mean of its images' variances plus the variance of their
+means (the parallel formula): the within-image part never cancels.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ PARALLEL_FROM = 2048  # sources at least this large are collected by several wor
 class Sums:
     """Running per-row sums of per-image moments (float64), mergeable across tasks."""
 
-    first: dict[str, torch.Tensor]  # layer -> (R, C) Σ E[x]
-    second: dict[str, torch.Tensor]  # layer -> (R, C) Σ E[x²]
+    first: dict[str, torch.Tensor]  # layer -> (R, C) Σ of per-image means m
+    second: dict[str, torch.Tensor]  # layer -> (R, C) Σ m² (float64: the means' spread)
+    within: dict[str, torch.Tensor]  # layer -> (R, C) Σ of per-image (centred) variances
     count: torch.Tensor  # (R,)
     dropped: dict[int, int] = field(default_factory=dict)  # class -> seeds dropped
     predictions: list[int] = field(default_factory=list)  # per image, in order
@@ -43,6 +46,7 @@ class Sums:
         for name in self.first:
             self.first[name] += other.first[name]
             self.second[name] += other.second[name]
+            self.within[name] += other.within[name]
         self.count += other.count
         for label, n in other.dropped.items():
             self.dropped[label] = self.dropped.get(label, 0) + n
@@ -103,8 +107,8 @@ def collect_files(
     scenario = config.metadata.scenario
     rows = total_rows if total_rows is not None else rows_of(config, source.files)
     first = {name: torch.zeros(rows, 0, dtype=torch.float64) for name, _ in layers}
-    second = dict(first)
-    sums = Sums(first, second, torch.zeros(rows, dtype=torch.float64))
+    count = torch.zeros(rows, dtype=torch.float64)
+    sums = Sums(first=first, second=dict(first), within=dict(first), count=count)
     batch = config.metadata.batch_size
     with torch.no_grad(), capture_statistics(layers, side) as records:
         for start in range(0, len(files), batch):
@@ -128,13 +132,14 @@ def collect_files(
             sums.predictions += predicted.tolist()
             one_hot = torch.nn.functional.one_hot(targets[keep], rows).to(torch.float64)
             for record in records:
-                m1, m2 = (m[keep].to(torch.float64) for m in record.moments)
+                mean, var = (m[keep].to(torch.float64) for m in record.sample)  # (B, C)
                 if sums.first[record.name].shape[1] == 0:
-                    channels = m1.shape[1]
-                    sums.first[record.name] = torch.zeros(rows, channels, dtype=torch.float64)
-                    sums.second[record.name] = torch.zeros(rows, channels, dtype=torch.float64)
-                sums.first[record.name] += one_hot.t() @ m1
-                sums.second[record.name] += one_hot.t() @ m2
+                    zeros = torch.zeros(rows, mean.shape[1], dtype=torch.float64)
+                    for part in (sums.first, sums.second, sums.within):
+                        part[record.name] = zeros.clone()
+                sums.first[record.name] += one_hot.t() @ mean
+                sums.second[record.name] += one_hot.t() @ (mean * mean)
+                sums.within[record.name] += one_hot.t() @ var
             sums.count += one_hot.sum(dim=0)
     return sums
 

@@ -1,0 +1,75 @@
+"""The plain parts of the shared loop: freezing the teacher, the optimiser, the one sum of
+the weighted loss terms, and the record a run keeps (its final terms, early-stopping
+checks, and with ``keep_best`` the lowest-loss iterate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: only the input is optimised."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def adam(
+    parameters: list[torch.Tensor], lr: float, betas: tuple[float, float], fused: bool = True
+) -> torch.optim.Adam:
+    """Adam with its fused kernel when ``fused`` and torch has one for the parameters'
+    device (CUDA; CPU since torch 2.4), else the multi-tensor (foreach) kernel;
+    ``fused=False`` is the plain per-tensor loop."""
+    if not fused:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=False)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=True)
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The one place where loss terms are summed. A term without a weight is an error."""
+    missing = sorted(set(terms) - set(weights))
+    if missing:
+        raise KeyError(f"loss terms without a weight: {', '.join(missing)}")
+    total = None
+    for name, value in terms.items():
+        weight = weights[name]
+        if weight == 0.0:
+            continue
+        total = weight * value if total is None else total + weight * value
+    if total is None:
+        raise ValueError("every loss term has weight 0: nothing to optimise")
+    return total
+
+
+@dataclass
+class LoopRecord:
+    """What the loop reports back to ``synthesize``."""
+
+    final: dict[str, torch.Tensor] = field(default_factory=dict)
+    iterations: int = 0
+    checks: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    best: dict[str, torch.Tensor] = field(default_factory=dict)  # terms of the kept iterate
+    best_images: torch.Tensor | None = None  # (B, C, H, W) normalised, as optimised
+
+    def keep_if_best(
+        self, images: torch.Tensor, terms: dict[str, torch.Tensor], total: torch.Tensor
+    ) -> None:
+        """Keep ``images`` (the iterate the loss was computed on, before its step: a
+        copy, since pixels are updated in place) and its terms when their total is the
+        lowest so far. On the device, with ``torch.where``: no host synchronisation."""
+        current = {**{k: v.detach() for k, v in terms.items()}, "total": total.detach()}
+        images = images.detach()
+        if self.best_images is None:
+            self.best, self.best_images = current, images.clone()
+            return
+        better = current["total"] < self.best["total"]  # a 0-d bool tensor
+        self.best = {k: torch.where(better, v, self.best[k]) for k, v in current.items()}
+        self.best_images = torch.where(better, images, self.best_images)
