@@ -152,3 +152,53 @@ def test_teacher_train_and_eval_commands(tmp_path: Path, capsys) -> None:
     result = json.loads(printed)
     assert code == 0 and result["images"] == 12
     assert result["accuracy"] == pytest.approx(trained["test_accuracy"])
+
+
+def test_version_is_the_package_version(capsys) -> None:
+    import tomllib
+
+    import pipeline
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dreamshard {pipeline.__version__}"
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"]  # one version string: read from pipeline
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pipeline.__version__"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [([], "WARNING"), (["-v"], "INFO"), (["-q"], "ERROR"), (["--verbose"], "INFO")],
+)
+def test_verbosity_flags_work_after_the_subcommand(flags, level, monkeypatch, capsys) -> None:
+    import logging
+
+    from pipeline.cli import run
+
+    seen = {}
+    monkeypatch.setattr(run, "cmd_inspect", lambda args: seen.update(args=args) or 0)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # let basicConfig set the level
+    main(["inspect", "URL", *flags])  # after the subcommand ...
+    assert logging.getLevelName(logging.getLogger().level) == level
+    assert seen["args"].url == "URL"
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    main([*flags, "inspect", "URL"])  # ... and before it, as always
+    assert logging.getLevelName(logging.getLogger().level) == level
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys) -> None:
+    from pipeline.cli import run
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "cmd_inspect", interrupted)
+    code, _, err = run_cli(["inspect", "URL"], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_storage_option_without_equals_exits_2(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["inspect", str(tmp_path), "--storage-option", "anon"], capsys)
+    assert code == 2 and "--storage-option 'anon': expected key.path=value" in err
