@@ -191,7 +191,7 @@ def test_submit_runs_on_the_cluster_with_its_own_credentials(
     texts.update({str(p): p.read_bytes() for p in head.log_files()})
     fs = s3_server.filesystem()
     texts.update({path: fs.cat(path) for path in fs.find(bucket)})
-    assert len([t for t in texts if t.startswith(bucket)]) == 4 + 2 * 2  # every object checked
+    assert len([t for t in texts if t.startswith(bucket)]) == 6 + 2 * 2  # every object checked
     assert any(t.endswith(CONFIG_NAME) for t in texts)  # the uploaded job files were checked
     assert any("job-driver" in t for t in texts)  # and the head's session logs
     assert secret_free(texts, [s3_server.secret, DECOY_SECRET, DECOY_ID]) == []
