@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -202,3 +203,55 @@ def test_ctrl_c_exits_130(monkeypatch, capsys) -> None:
 def test_storage_option_without_equals_exits_2(tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["inspect", str(tmp_path), "--storage-option", "anon"], capsys)
     assert code == 2 and "--storage-option 'anon': expected key.path=value" in err
+
+
+def test_dry_run_prints_config_and_plan_and_writes_nothing(
+    tmp_path: Path, teacher_checkpoint: str, capsys
+) -> None:
+    config = write_config(
+        tmp_path,
+        teacher_checkpoint,
+        runtime={"executor": "ray", "num_workers": None, "cpus_per_worker": 1},
+        filter={"enabled": True, "max_attempts": 3},
+        run={"storage_options": {"endpoint_url": "http://127.0.0.1:1", "secret": "s3cr3t"}},
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["run", str(config), "--dry-run", "--set", "plan.num_images=40", "-v"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"]["plan"]["num_images"] == 40
+    assert report["config"]["run"]["storage_options"]["secret"] == "***"
+    plan = report["plan"]
+    assert (plan["shards"], plan["batches"], plan["batch_size"]) == (3, 3, 16)
+    assert plan["shard_pattern"].endswith("/out/test/shards/train-{000000..000002}.tar")
+    assert plan["iterations"] == {"per_batch": 2, "total": 6, "at_most": 18}
+    # one per CPU (cpus_per_worker 1), at most one per shard; no GPU here
+    assert plan["actors"]["count"] == min(os.cpu_count() or 1, 3)
+    assert plan["actors"]["device"] == "cpu"
+    assert plan["shards_complete"] == 0
+    assert "s3cr3t" not in out + err
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # no Ray started
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"plan": {"shards": 3}}, "unknown key plan.shards"),
+        ({"synthesizer": {"compile": "sometimes"}}, "synthesizer.compile: expected one of"),
+        ({"teacher": {"checkpoint": "/nonexistent/t.pt"}}, "/nonexistent/t.pt does not exist"),
+        ({"teacher": {"num_classes": 100}}, "num_classes is 100"),
+    ],
+)
+def test_dry_run_on_a_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, teacher_checkpoint: str, change: dict, message: str, capsys
+) -> None:
+    config = write_config(tmp_path, teacher_checkpoint, **change)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(["run", str(config), "--dry-run"], capsys)
+    assert code == 2 and re.search(message, err), err
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (tmp_path / "out").exists()
