@@ -15,10 +15,11 @@ def config_command(
     text: str,
     handler: Any,
     config_help: str | None = None,
+    config_nargs: str | None = None,
 ) -> argparse.ArgumentParser:
     """A subcommand that takes CONFIG and repeatable ``--set key.path=value`` overrides."""
     parser = commands.add_parser(name, help=text, description=text)
-    parser.add_argument("config", help=config_help)
+    parser.add_argument("config", help=config_help, nargs=config_nargs)
     parser.add_argument(
         "--set",
         dest="overrides",
