@@ -6,13 +6,19 @@ import argparse
 import json
 from typing import Any
 
+from pipeline import api
 from pipeline.cli.arguments import config_command, storage_option_argument, storage_options
-from pipeline.errors import InputError
 from pipeline.execution.progress import duration
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    config_command(commands, "run", "run the whole task graph for a config", cmd_run)
+    run = config_command(commands, "run", "run the whole task graph for a config", cmd_run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved config and the plan (shards, batches, actors, "
+        "iterations); write nothing, start no Ray",
+    )
     config_command(
         commands,
         "metadata",
@@ -28,16 +34,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=cmd_inspect)
 
 
-# The handlers import the stages (torch, Ray) when they run, so that the command line
-# itself starts fast.
+# The handlers call pipeline.api, which imports the stages (torch, Ray) when they run, so
+# that the command line itself starts fast.
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.graph import run_job
-
-    config = load_config(args.config, args.overrides)
-    summary = run_job(config)
+    if args.dry_run:
+        print(json.dumps(api.run(args.config, args.overrides, dry_run=True), indent=2))
+        return 0
+    summary = api.run(args.config, args.overrides)
     print(format_summary(summary))
     for label, entry in summary["totals"].get("failing_classes", {}).items():
         print(
@@ -49,27 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_metadata(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.io.storage import check_writable
-    from pipeline.models.teachers import load_teacher
-    from pipeline.stages.metadata import ensure_metadata
-
-    config = load_config(args.config, args.overrides)
-    if not config.metadata.configured:
-        raise InputError("metadata.source (or metadata.artifact) is not set in the config")
-    options = config.run.storage_options
-    check_writable(config.run.output, options)
-    teacher = load_teacher(config.teacher, options)
-    metadata = ensure_metadata(config, teacher)
-    info = {k: v for k, v in metadata.info.items() if k != "seeds"}
-    print(json.dumps({"artifact": metadata.url, **info}, indent=2))
+    print(json.dumps(api.metadata(args.config, args.overrides), indent=2))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.stages.manifest import inspect_run
-
-    report = inspect_run(args.url, storage_options(args.storage_options), verify=args.verify)
+    options = storage_options(args.storage_options)
+    report = api.inspect(args.url, options, verify=args.verify)
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if report["complete"] and not report.get("corrupt") else 1
 
