@@ -6,35 +6,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.config import Config, check_inversion
+from pipeline.config import Config
 from pipeline.execution.executor import actor_resources
 from pipeline.io.shards import completed_shards
-from pipeline.io.storage import check_writable
-from pipeline.models.teachers import load_teacher, load_verifier
 from pipeline.stages.card import shard_pattern
-from pipeline.stages.guidance import guidance_images
 from pipeline.stages.manifest import resolved_config
 from pipeline.stages.plan import make_plan
-from pipeline.stages.statistics import feature_layers
+from pipeline.stages.preflight import preflight
 
 
 def dry_run(config: Config) -> dict[str, Any]:
-    """The resolved config (secrets redacted), the teacher's digest and the plan.
-
-    Raises :class:`InputError` for what :func:`pipeline.graph.run_job` would refuse
-    before writing: the method's needs, an output that cannot be written (probed with a
-    temporary file in an existing folder, or a bucket listing), the teacher and verifier
-    checkpoints, layer names, image files the synthesizer names."""
-    options = config.run.storage_options
-    if config.translation is None:
-        check_inversion(config)
-    check_writable(config.run.output, options)
-    teacher = load_teacher(config.teacher, options)
-    if config.filter.verifier is not None:
-        load_verifier(config.filter.verifier, options)
-    if config.translation is None:
-        feature_layers(config, teacher.model)
-        guidance_images(config)
+    """The resolved config (secrets redacted), the teacher's digest and the plan; raises
+    :class:`InputError` for what a run would refuse before writing (:func:`preflight`)."""
+    teacher = preflight(config)
     return {
         "config": resolved_config(config),
         "teacher_digest": teacher.digest,
@@ -45,7 +29,9 @@ def dry_run(config: Config) -> dict[str, Any]:
 def describe_plan(config: Config) -> dict[str, Any]:
     """Shards, batches, actors and synthesis iterations a run of ``config`` would do."""
     if config.translation is not None:
-        return {"translation": "one shard per plan.shard_size source images, in this process"}
+        return {
+            "translation": "one shard per plan.shard_size source images, on the executor's workers"
+        }
     plan = make_plan(config)
     batches = sum(len(task.batches()) for task in plan)
     iterations = config.synthesizer.params.iterations
