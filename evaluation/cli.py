@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from evaluation.jobs import register
 from pipeline.cli.arguments import config_command
 
 ACTIONS = {
@@ -32,6 +33,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             help="use the complete shards of an unfinished run (shards without sidecars skipped)",
         )
         action.set_defaults(action=name)
+    register(list(ACTIONS))  # dreamshard submit --command eval ACTION CONFIG
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

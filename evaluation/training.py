@@ -30,7 +30,7 @@ from evaluation.split import steps_per_rank
 from pipeline.errors import InputError
 from pipeline.execution.executor import connect_ray
 from pipeline.io.storage import filesystem, protocol_of
-from pipeline.models.accuracy import test_accuracy
+from pipeline.models.accuracy import classifier_accuracy
 from pipeline.models.teachers import load_weights
 
 log = logging.getLogger("dreamshard.evaluation")
@@ -90,7 +90,7 @@ def kd_loss(
 def evaluate(model: nn.Module, job: TrainJob, device: torch.device | None = None) -> dict:
     """Top-1 and per-class accuracy of ``model`` on the job's real test set (default: CPU)."""
     images, labels = job.test
-    return test_accuracy(model, images, labels, job.mean, job.std, job.num_classes, device)
+    return classifier_accuracy(model, images, labels, job.mean, job.std, job.num_classes, device)
 
 
 def schedule_factor(job: TrainJob, epoch: int) -> float:

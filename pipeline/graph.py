@@ -14,21 +14,19 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pipeline.config import Config, check_inversion, resolve
+from pipeline.config import Config, resolve
 from pipeline.execution.executor import ActorPool
 from pipeline.execution.metrics import record_failure
 from pipeline.io.integrity import intact_shards
 from pipeline.io.lease import Lease
 from pipeline.io.retries import with_retries
 from pipeline.io.shards import remove_partials
-from pipeline.io.storage import check_writable, endpoint_of, join
-from pipeline.models.teachers import load_teacher, load_verifier
-from pipeline.stages.guidance import guidance_images
+from pipeline.io.storage import endpoint_of, join
 from pipeline.stages.manifest import finalise_run, record_run
 from pipeline.stages.metadata import ensure_metadata
 from pipeline.stages.plan import ShardTask, make_plan
+from pipeline.stages.preflight import preflight
 from pipeline.stages.retrieval import run_retrieval
-from pipeline.stages.statistics import feature_layers
 from pipeline.stages.synthesis import ShardWorker
 from pipeline.stages.translation import run_translation
 from synthesizers import get_synthesizer
@@ -44,14 +42,7 @@ def run_job(config: Config, now: dt.datetime | None = None) -> dict[str, Any]:
     config = resolve(config, now)
     if config.translation is not None:
         return run_translation(config)
-    check_inversion(config)
-    options = config.run.storage_options
-    check_writable(config.run.output, options)
-    teacher = load_teacher(config.teacher, options)
-    if config.filter.verifier is not None:  # the workers load it: a bad one fails here first
-        load_verifier(config.filter.verifier, options)
-    feature_layers(config, teacher.model)  # unknown layer names fail before anything is written
-    guidance_images(config)  # so do image files the synthesizer config names
+    teacher = preflight(config)  # everything a user can get wrong, before any write
     metadata = None
     if get_synthesizer(config.synthesizer.name).uses_metadata:
         metadata = ensure_metadata(config, teacher)

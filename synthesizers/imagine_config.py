@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from synthesizers.spec import SynthesizerConfig
+from synthesizers.spec import Switch, SynthesizerConfig
 
 
 @dataclass
 class ImagineConfig(SynthesizerConfig):
     iterations: int = 4000  # both stages: 2,000 + 2,000
     lr: float = 0.2  # Adam for x̂
-    compile: str = "off"  # D is rebuilt per request: a compiled step would recompile
+    compile: Switch = "off"  # D is rebuilt per request: a compiled step would recompile
     adversarial_fraction: float = 0.5  # share of the iterations in stage 2
     ce_weight: float = 1.0
     tv_weight: float = 1e-4  # α

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +23,11 @@ def lr_factor(iteration: int, iterations: int, schedule: str, warmup: int) -> fl
         return 1.0
     span = max(iterations - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * (iteration - warmup) / span))
+
+
+# A setting that is on, off or decided by the machine. Declared as a Literal so that the
+# config parser can take YAML's bare on/off (booleans in YAML 1.1) back as "on"/"off".
+Switch = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -46,7 +51,7 @@ class SynthesizerConfig:
     fused_moments: bool = True  # one-pass feature moments with a hand-written backward
     fused_optimizer: bool = True  # Adam's fused kernel (foreach where there is none)
     affine_batchnorm: bool = True  # eval-mode BN of the frozen teacher as one multiply-add
-    compile: str = "auto"  # auto | on | off: torch.compile the teacher-plus-loss step
+    compile: Switch = "auto"  # torch.compile the teacher-plus-loss step
     cuda_graphs: bool = True  # with compile on a GPU: replay the step as a CUDA graph
     # Early stopping (off: paper-faithful runs do every iteration): stop a batch when
     # every image already passes the filter (SynthesisSpec.min_confidence) and the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -152,3 +153,105 @@ def test_teacher_train_and_eval_commands(tmp_path: Path, capsys) -> None:
     result = json.loads(printed)
     assert code == 0 and result["images"] == 12
     assert result["accuracy"] == pytest.approx(trained["test_accuracy"])
+
+
+def test_version_is_the_package_version(capsys) -> None:
+    import tomllib
+
+    import pipeline
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dreamshard {pipeline.__version__}"
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"]  # one version string: read from pipeline
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pipeline.__version__"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [([], "WARNING"), (["-v"], "INFO"), (["-q"], "ERROR"), (["--verbose"], "INFO")],
+)
+def test_verbosity_flags_work_after_the_subcommand(flags, level, monkeypatch, capsys) -> None:
+    import logging
+
+    from pipeline.cli import run
+
+    seen = {}
+    monkeypatch.setattr(run, "cmd_inspect", lambda args: seen.update(args=args) or 0)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # let basicConfig set the level
+    main(["inspect", "URL", *flags])  # after the subcommand ...
+    assert logging.getLevelName(logging.getLogger().level) == level
+    assert seen["args"].url == "URL"
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    main([*flags, "inspect", "URL"])  # ... and before it, as always
+    assert logging.getLevelName(logging.getLogger().level) == level
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys) -> None:
+    from pipeline.cli import run
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "cmd_inspect", interrupted)
+    code, _, err = run_cli(["inspect", "URL"], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_storage_option_without_equals_exits_2(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["inspect", str(tmp_path), "--storage-option", "anon"], capsys)
+    assert code == 2 and "--storage-option 'anon': expected key.path=value" in err
+
+
+def test_dry_run_prints_config_and_plan_and_writes_nothing(
+    tmp_path: Path, teacher_checkpoint: str, capsys
+) -> None:
+    config = write_config(
+        tmp_path,
+        teacher_checkpoint,
+        runtime={"executor": "ray", "num_workers": None, "cpus_per_worker": 1},
+        filter={"enabled": True, "max_attempts": 3},
+        run={"storage_options": {"endpoint_url": "http://127.0.0.1:1", "secret": "s3cr3t"}},
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["run", str(config), "--dry-run", "--set", "plan.num_images=40", "-v"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"]["plan"]["num_images"] == 40
+    assert report["config"]["run"]["storage_options"]["secret"] == "***"
+    plan = report["plan"]
+    assert (plan["shards"], plan["batches"], plan["batch_size"]) == (3, 3, 16)
+    assert plan["shard_pattern"].endswith("/out/test/shards/train-{000000..000002}.tar")
+    assert plan["iterations"] == {"per_batch": 2, "total": 6, "at_most": 18}
+    # one per CPU (cpus_per_worker 1), at most one per shard; no GPU here
+    assert plan["actors"]["count"] == min(os.cpu_count() or 1, 3)
+    assert plan["actors"]["device"] == "cpu"
+    assert plan["shards_complete"] == 0
+    assert "s3cr3t" not in out + err
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # no Ray started
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"plan": {"shards": 3}}, "unknown key plan.shards"),
+        ({"synthesizer": {"compile": "sometimes"}}, "synthesizer.compile: expected one of"),
+        ({"teacher": {"checkpoint": "/nonexistent/t.pt"}}, "/nonexistent/t.pt does not exist"),
+        ({"teacher": {"num_classes": 100}}, "num_classes is 100"),
+    ],
+)
+def test_dry_run_on_a_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, teacher_checkpoint: str, change: dict, message: str, capsys
+) -> None:
+    config = write_config(tmp_path, teacher_checkpoint, **change)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(["run", str(config), "--dry-run"], capsys)
+    assert code == 2 and re.search(message, err), err
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (tmp_path / "out").exists()

@@ -110,3 +110,58 @@ def test_absolute_paths_covers_every_local_path_a_run_reads(
     assert config.synthesizer.params.style_image is None  # unset fields stay unset
     assert config.retrieval.pool == str(tmp_path / "pool")
     assert config.retrieval.labeled == "s3://bucket/labeled"  # URLs are left as they are
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"), ("auto", "auto")],
+)
+def test_a_switch_takes_yaml_on_off_back_as_words(tmp_path: Path, value, expected) -> None:
+    # YAML 1.1 reads bare on/off/yes/no as booleans; compile's choices include on and off
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config()))
+    config = load_config(path, [f"synthesizer.compile={value}"])
+    assert config.synthesizer.params.compile == expected
+    imagine = {**base_config(), "synthesizer": {"name": "imagine", "compile": False}}
+    imagine["metadata"] = {"source": "targets", "scenario": "seeds"}
+    assert parse_config(imagine).synthesizer.params.compile == "off"  # a subclass's field too
+
+
+def test_other_fields_still_refuse_a_boolean_and_say_why() -> None:
+    data = base_config()
+    data["synthesizer"]["compile"] = "sometimes"
+    with pytest.raises(InputError, match="synthesizer.compile: expected one of auto, on, off"):
+        parse_config(data)
+    data = base_config()
+    data["run"]["name"] = False  # `name: no`: a run must not be quietly named "off"
+    with pytest.raises(InputError, match="run.name: expected a string .*quote it"):
+        parse_config(data)
+    data = base_config()
+    data["synthesizer"]["precision"] = True  # precision's choices hold no on/off
+    with pytest.raises(InputError, match="synthesizer.precision: expected a string"):
+        parse_config(data)
+
+
+def test_storage_options_parse_like_set() -> None:
+    from pipeline.cli.arguments import storage_options
+
+    options = storage_options(
+        [
+            "client_kwargs.endpoint_url=http://127.0.0.1:9000",
+            "anon=false",
+            "default_block_size=5242880",
+            "config_kwargs.retries={max_attempts: 2}",
+            "profile=",
+        ]
+    )
+    assert options == {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+        "anon": False,
+        "default_block_size": 5242880,
+        "config_kwargs": {"retries": {"max_attempts": 2}},
+        "profile": "",
+    }
+    with pytest.raises(InputError, match="--storage-option 'anon': expected key.path=value"):
+        storage_options(["anon"])
+    with pytest.raises(InputError, match="--storage-option 'a.b=1': a is not a section"):
+        storage_options(["a=1", "a.b=1"])

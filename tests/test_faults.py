@@ -286,7 +286,7 @@ def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_regenerated(
         except BaseException as error:  # reported by the assertion below
             outcome["error"] = error
 
-    caplog.set_level(logging.WARNING, logger="dreamshard.runtime")
+    caplog.set_level(logging.WARNING, logger="dreamshard.executor")
     thread = threading.Thread(target=run)
     thread.start()
     killed = None

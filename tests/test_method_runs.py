@@ -64,7 +64,7 @@ def test_adi_student_learns_from_accepted_images_between_batches(make_config) ->
         synthesizer={"name": "adi", "iterations": 2, "distill_steps": 2},
         plan={"num_images": 16, "batch_size": 8, "shard_size": 16},
     )
-    worker = ShardWorker(config, "unused")
+    worker = ShardWorker(config)
     task = make_plan(config)[0]
     (first, second) = task.batches()
     worker.synthesize_batch(task, 0, first)
@@ -79,7 +79,7 @@ def test_adi_student_from_the_registry(make_config) -> None:
     from pipeline.models.archs.resnet_cifar import CifarResNet
 
     config = make_config(synthesizer={"name": "adi", "iterations": 1, "student_arch": "resnet20"})
-    worker = ShardWorker(config, "unused")
+    worker = ShardWorker(config)
     assert isinstance(worker.synthesizer.student, CifarResNet)
     with pytest.raises(InputError, match="student_arch: unknown architecture 'resnet21'"):
         make_config(synthesizer={"name": "adi", "student_arch": "resnet21"})

@@ -197,9 +197,9 @@ def test_worker_hands_the_filter_threshold_to_the_synthesizer(make_config) -> No
     from pipeline.stages.synthesis import ShardWorker
 
     on = make_config(filter={"enabled": True, "min_confidence": 0.7})
-    assert ShardWorker(on, "unused").spec([0, 1], 3).min_confidence == 0.7
+    assert ShardWorker(on).spec([0, 1], 3).min_confidence == 0.7
     off = make_config(filter={"enabled": False})
-    assert ShardWorker(off, "unused").spec([0, 1], 3).min_confidence is None
+    assert ShardWorker(off).spec([0, 1], 3).min_confidence is None
 
 
 def test_affine_batchnorm_is_undone_after_synthesis() -> None:

@@ -184,7 +184,7 @@ def test_streamed_selection_equals_scoring_the_whole_pool_at_once(
         batch_size=7,
     )
     (task,) = list_pool(str(archive))
-    worker = PoolWorker(config, str(tmp_path / "out"), torch.zeros(1, 1))
+    worker = PoolWorker(config, torch.zeros(1, 1))
     images = np.stack(
         [np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)) for a in arrays]
     )

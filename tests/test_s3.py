@@ -23,7 +23,14 @@ from pipeline.errors import InputError
 pytestmark = pytest.mark.slow
 
 SHARDS = ("train-000000", "train-000001")  # the default test plan: 2 shards of 16
-RUN_FILES = ("run.json", "manifest.json", "index.parquet", "preview.png")
+RUN_FILES = (
+    "run.json",
+    "manifest.json",
+    "index.parquet",
+    "preview.png",
+    "README.md",  # the dataset card
+    "wids-index.json",
+)
 SAMPLE_PARTS = {"png", "cls", "json", "logits.npy"}
 
 

@@ -21,7 +21,7 @@ from tests_support import config_dict
 
 from pipeline.cli.main import main
 from pipeline.cluster.submit import CONFIG_NAME, PROBE_SECONDS, stage
-from pipeline.config import load_config, resolve_run_name
+from pipeline.config import load_config
 from pipeline.stages.manifest import inspect_run
 
 DECOY_ID, DECOY_SECRET = "AKIADECOYSUBMITTER01", "decoy-secret-of-the-submitting-machine"
@@ -92,7 +92,7 @@ def test_the_job_carries_the_resolved_config_and_checkpoint_but_no_credentials(
         runtime={"address": "ray://laptop-tunnel:10001"},
     )
     submitted = dt.datetime(2026, 11, 21, 23, 59, 30, tzinfo=dt.timezone.utc)
-    config = resolve_run_name(load_config(path), submitted)
+    config = load_config(path, now=submitted)
     staging = tmp_path / "staging"
     staging.mkdir()
     entrypoint, runtime_env, metadata = stage(config, staging)
@@ -115,6 +115,84 @@ def test_the_job_carries_the_resolved_config_and_checkpoint_but_no_credentials(
     assert [Path(p).name for p in runtime_env["py_modules"]] == ["pipeline", "synthesizers"]
     everything = json.dumps([entrypoint, runtime_env, metadata, carried])
     assert DECOY_SECRET not in everything and "AWS_" not in everything
+
+
+def test_an_evaluation_job_carries_its_config_checkpoints_and_the_evaluation_package(
+    tmp_path, teacher_checkpoint, monkeypatch
+) -> None:
+    import evaluation.cli  # the eval plugin registers `eval ACTION` for submit
+    from pipeline.cli.main import build_parser
+    from pipeline.cluster.staging import JOB_COMMANDS, job_command, write_job
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DECOY_SECRET)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "eval.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "kd-night", "output": "s3://bucket/eval"},
+                "data": {"shards": "runs/demo", "test": "s3://bucket/test"},  # a relative path
+                "teacher": {"arch": "resnet20", "checkpoint": teacher_checkpoint},
+                "fidelity": {"networks": [{"arch": "resnet20", "checkpoint": teacher_checkpoint}]},
+                "runtime": {"address": "ray://laptop-tunnel:10001", "num_workers": 2},
+            }
+        )
+    )
+    args = build_parser().parse_args(["submit", "--command", "eval", "kd", str(path)])
+    assert (args.command, args.config) == (["eval", "kd", str(path)], None)  # submit() splits
+    assert {("eval", a) for a in evaluation.cli.ACTIONS} <= set(JOB_COMMANDS)
+    command = job_command(["eval", "kd"])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    prepared = command.prepare(str(path), ["train.epochs=3"], staging)
+    entrypoint, runtime_env, metadata = write_job(prepared, command, staging)
+    assert entrypoint == f"python -m pipeline.cli eval kd {CONFIG_NAME}"
+    assert [Path(p).name for p in runtime_env["py_modules"]] == [
+        "pipeline",
+        "synthesizers",
+        "evaluation",
+    ]
+    assert runtime_env["working_dir"] == str(staging)
+    assert runtime_env["env_vars"] == {"PYTHONUNBUFFERED": "1"}
+    assert metadata == {
+        "dreamshard_run": "kd-night",
+        "dreamshard_output": "s3://bucket/eval/kd-night",
+    }
+    carried = yaml.safe_load((staging / CONFIG_NAME).read_text())
+    assert carried["train"]["epochs"] == 3  # the override travelled
+    assert carried["data"]["shards"] == str(tmp_path / "runs" / "demo")  # this machine's path
+    assert carried["runtime"]["address"] is None
+    assert carried["teacher"]["checkpoint"] == "teacher/resnet20-random.pt"
+    assert carried["fidelity"]["networks"][0]["checkpoint"] == "networks/0/resnet20-random.pt"
+    assert (staging / "teacher" / "resnet20-random.pt").is_file()
+    assert prepared.notes == [
+        f"data.shards {tmp_path}/runs/demo is a local path: every node of the cluster must "
+        "see it (a shared filesystem); use s3://… otherwise"
+    ]
+    everything = json.dumps([entrypoint, runtime_env, metadata, carried])
+    assert DECOY_SECRET not in everything and "AWS_" not in everything
+
+
+def test_submit_refuses_a_bad_evaluation_config_or_command_before_connecting(
+    tmp_path, capsys
+) -> None:
+    import evaluation.cli  # noqa: F401  (registers `eval ACTION`)
+
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({"data": {"shards": "s3://b/run"}, "train": {"epochs": 0}}))
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, _, err = run_cli(
+        ["submit", "--command", "eval", "kd", str(path), "--address", closed], capsys
+    )
+    assert code == 2 and "train: epochs, batch_size and lr must be positive" in err
+    assert "--address" not in err
+    code, _, err = run_cli(["submit", "--command", "eval", "distil", str(path)], capsys)
+    assert code == 2 and "--command 'eval distil': valid commands: run, eval kd" in err
+    path.write_text(
+        yaml.safe_dump({"data": {"shards": "s3://b/r"}, "run": {"storage_options": {"key": "K"}}})
+    )
+    code, _, err = run_cli(["submit", str(path), "--command", "eval", "fidelity"], capsys)
+    assert code == 2 and "run.storage_options.key: credentials are never sent" in err
 
 
 # --- a real head ------------------------------------------------------------------------
@@ -191,7 +269,7 @@ def test_submit_runs_on_the_cluster_with_its_own_credentials(
     texts.update({str(p): p.read_bytes() for p in head.log_files()})
     fs = s3_server.filesystem()
     texts.update({path: fs.cat(path) for path in fs.find(bucket)})
-    assert len([t for t in texts if t.startswith(bucket)]) == 4 + 2 * 2  # every object checked
+    assert len([t for t in texts if t.startswith(bucket)]) == 6 + 2 * 2  # every object checked
     assert any(t.endswith(CONFIG_NAME) for t in texts)  # the uploaded job files were checked
     assert any("job-driver" in t for t in texts)  # and the head's session logs
     assert secret_free(texts, [s3_server.secret, DECOY_SECRET, DECOY_ID]) == []

@@ -14,7 +14,7 @@ from conftest import CIFAR_TAR, RESNET20, RESNET56, shared
 from pipeline.config import TeacherConfig
 from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
-from pipeline.models.accuracy import test_accuracy
+from pipeline.models.accuracy import classifier_accuracy
 from pipeline.models.archs import ARCHITECTURES, build_architecture
 from pipeline.models.teachers import load_checkpoint, load_teacher
 
@@ -56,7 +56,7 @@ def test_shared_checkpoints_load_strictly_and_score(arch: str, path: Path, measu
     folder = open_image_folder(f"{shared(CIFAR_TAR)}/cifar10-jpeg/test").subset(100)
     images, labels = folder.load()
     assert images.shape == (1000, 3, 32, 32) and labels.bincount().tolist() == [100] * 10
-    result = test_accuracy(teacher.model, images, labels, config.mean, config.std, 10)
+    result = classifier_accuracy(teacher.model, images, labels, config.mean, config.std, 10)
     assert result["accuracy"] >= 0.75
     assert result["accuracy"] == pytest.approx(measured, abs=0.01)
 

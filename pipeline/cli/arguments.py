@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.keypaths import assignments
 
 
 def config_command(
@@ -15,10 +15,11 @@ def config_command(
     text: str,
     handler: Any,
     config_help: str | None = None,
+    config_nargs: str | None = None,
 ) -> argparse.ArgumentParser:
     """A subcommand that takes CONFIG and repeatable ``--set key.path=value`` overrides."""
     parser = commands.add_parser(name, help=text, description=text)
-    parser.add_argument("config", help=config_help)
+    parser.add_argument("config", help=config_help, nargs=config_nargs)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -34,17 +35,16 @@ def config_command(
 def storage_option_argument(parser: argparse.ArgumentParser) -> None:
     """A repeatable ``--storage-option KEY=VALUE`` (read with :func:`storage_options`)."""
     parser.add_argument(
-        "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE"
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="an fsspec storage option, parsed like --set: YAML values, nested keys "
+        "(client_kwargs.endpoint_url=http://HOST:9000); repeatable",
     )
 
 
-def storage_options(items: list[str]) -> dict[str, str]:
-    """``--storage-option`` values as a mapping."""
-    return dict(key_value(item) for item in items)
-
-
-def key_value(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
-    return key, value
+def storage_options(items: list[str]) -> dict[str, Any]:
+    """``--storage-option`` values as one (nested) mapping."""
+    return assignments(items, "--storage-option")

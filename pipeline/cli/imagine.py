@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import io
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli.arguments import config_command
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported when the command runs: the CLI starts fast
+    import numpy as np
+    import torch
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -112,6 +112,8 @@ def read_image(url: str, size: int, options: dict[str, Any]) -> torch.Tensor:
         data = read_bytes(url, options)
     except (FileNotFoundError, IsADirectoryError) as error:
         raise InputError(f"{url}: no such file") from error
+    import torch
+
     return torch.from_numpy(decode(data, url, size).copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -124,10 +126,14 @@ def read_mask(url: str, size: int, options: dict[str, Any]) -> torch.Tensor:
 
 
 def to_pixels(image: torch.Tensor) -> np.ndarray:
+    import torch
+
     return (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
+    from PIL import Image
+
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()

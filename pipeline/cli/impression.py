@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline import api
 from pipeline.cli.arguments import config_command
 
 
@@ -18,11 +19,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.stages.retrieval import run_retrieval
-
-    manifest = run_retrieval(load_config(args.config, args.overrides))
-    report(manifest, "retrieval.json")
+    report(api.retrieve(args.config, args.overrides), "retrieval.json")
     return 0
 
 

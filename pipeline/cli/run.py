@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from typing import Any
 
+from pipeline import api
 from pipeline.cli.arguments import config_command, storage_option_argument, storage_options
-from pipeline.errors import InputError
 from pipeline.execution.progress import duration
 
 
@@ -19,6 +18,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also hash every completed shard and regenerate those whose sha256 differs "
         "from their sidecar's (a rerun always checks their sizes)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved config and the plan (shards, batches, actors, "
+        "iterations); write nothing, start no Ray",
     )
     config_command(
         commands,
@@ -41,18 +46,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=cmd_inspect)
 
 
-# The handlers import the stages (torch, Ray) when they run, so that the command line
-# itself starts fast.
+# The handlers call pipeline.api, which imports the stages (torch, Ray) when they run, so
+# that the command line itself starts fast.
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.graph import run_job
-
-    config = load_config(args.config, args.overrides)
-    if args.verify:
-        config = replace(config, runtime=replace(config.runtime, verify=True))
-    summary = run_job(config)
+    overrides = [*args.overrides, *(["runtime.verify=true"] if args.verify else [])]
+    if args.dry_run:
+        print(json.dumps(api.run(args.config, overrides, dry_run=True), indent=2))
+        return 0
+    summary = api.run(args.config, overrides)
     print(format_summary(summary))
     for label, entry in summary["totals"].get("failing_classes", {}).items():
         print(
@@ -64,37 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_metadata(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.io.storage import check_writable
-    from pipeline.models.teachers import load_teacher
-    from pipeline.stages.metadata import ensure_metadata
-
-    config = load_config(args.config, args.overrides)
-    if not config.metadata.configured:
-        raise InputError("metadata.source (or metadata.artifact) is not set in the config")
-    options = config.run.storage_options
-    check_writable(config.run.output, options)
-    teacher = load_teacher(config.teacher, options)
-    metadata = ensure_metadata(config, teacher)
-    info = {k: v for k, v in metadata.info.items() if k != "seeds"}
-    print(json.dumps({"artifact": metadata.url, **info}, indent=2))
+    print(json.dumps(api.metadata(args.config, args.overrides), indent=2))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.stages.manifest import inspect_run
-
     options = storage_options(args.storage_options)
-    repaired = None
-    if args.repair:
-        from pipeline.graph import run_job
-        from pipeline.stages.repair import recorded_config
-
-        this_run = run_job(recorded_config(args.url, options))["this_run"]
-        repaired = this_run["written"]
-    report = inspect_run(args.url, options, verify=args.verify and not args.repair)
-    if repaired is not None:
-        report["repaired"] = repaired  # damaged or missing before, regenerated now
+    report = api.inspect(args.url, options, verify=args.verify, repair=args.repair)
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if report["complete"] and not report.get("corrupt") else 1
 

@@ -46,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
     from pipeline.io.images import open_image_folder
-    from pipeline.models.accuracy import test_accuracy
+    from pipeline.models.accuracy import classifier_accuracy
     from pipeline.models.teachers import save_checkpoint
     from pipeline.models.training import TrainConfig, teacher_config_for, train_teacher
 
@@ -65,7 +65,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     model, info = train_teacher(config, images, labels, num_classes, test)
     extra = {"classes": train_set.classes, "epochs": config.epochs, "trained_on": args.data}
     if test is not None:
-        result = test_accuracy(model, *test, config.mean, config.std, num_classes)
+        result = classifier_accuracy(model, *test, config.mean, config.std, num_classes)
         extra["test_accuracy"] = result["accuracy"]
         extra["tested_on"] = args.test
     save_checkpoint(
@@ -78,7 +78,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 def cmd_teacher_eval(args: argparse.Namespace) -> int:
     from pipeline.config import TeacherConfig
     from pipeline.io.images import open_image_folder
-    from pipeline.models.accuracy import test_accuracy
+    from pipeline.models.accuracy import classifier_accuracy
     from pipeline.models.teachers import load_checkpoint, load_teacher
 
     _, meta, _ = load_checkpoint(args.checkpoint)
@@ -95,7 +95,7 @@ def cmd_teacher_eval(args: argparse.Namespace) -> int:
     config = TeacherConfig(checkpoint=args.checkpoint, **fields, **spec)
     teacher = load_teacher(config)
     images, labels = open_image_folder(args.data).subset(args.per_class).load(config.image_size)
-    result = test_accuracy(
+    result = classifier_accuracy(
         teacher.model, images, labels, config.mean, config.std, config.num_classes
     )
     print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, **result}, indent=2))

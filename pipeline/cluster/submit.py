@@ -20,7 +20,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -28,22 +27,18 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import Any
 
 from pipeline.cli.arguments import config_command
+from pipeline.cluster.staging import CONFIG_NAME, job_command, stage, write_job
 from pipeline.errors import InputError
-from pipeline.io.storage import join, protocol_of, redact
+from pipeline.io.storage import redact
 
-if TYPE_CHECKING:  # the CLI imports this module to register commands: keep it light
-    from pipeline.config import Config
+__all__ = ["CONFIG_NAME", "stage", "submit"]  # CONFIG_NAME and stage: pipeline.cluster.staging
 
 PROBE_SECONDS = 5.0  # an address that does not answer is reported within this
 POLL_SECONDS = 2.0
 LOG_TAIL_LINES = 30  # printed when a job fails
-CONFIG_NAME = "dreamshard-job.yaml"
-PACKAGES = ("pipeline", "synthesizers")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -108,9 +103,9 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def check_credentials(config: Config) -> None:
-    """Refuse credentials in the config: they would be stored and shown by the cluster."""
-    secret = secret_fields(config.run.storage_options, redact(config.run.storage_options))
+def check_credentials(options: dict[str, Any]) -> None:
+    """Refuse credentials in ``run.storage_options``: the cluster would store and show them."""
+    secret = secret_fields(options, redact(options))
     if secret:
         raise InputError(
             f"run.storage_options.{secret[0]}: credentials are never sent with a job (Ray "
@@ -132,80 +127,25 @@ def secret_fields(options: dict[str, Any], redacted: dict[str, Any], where: str 
     return sorted(found)
 
 
-def job_config(config: Config, staging: Path) -> dict[str, Any]:
-    """The config the job runs, as plain data; a local checkpoint file is carried along.
-    ``config`` is resolved: its local paths are absolute (this machine's, not the job's
-    temporary working_dir)."""
-    from pipeline.config import parse_config
-
-    data = json.loads(json.dumps(config.to_dict()))
-    data["runtime"]["address"] = None  # the driver joins the cluster it runs on (RAY_ADDRESS)
-    checkpoint = config.teacher.checkpoint
-    if protocol_of(checkpoint) == "file" and os.path.isfile(checkpoint):
-        carried = staging / "teacher" / Path(checkpoint).name
-        carried.parent.mkdir(parents=True)
-        shutil.copyfile(checkpoint, carried)
-        data["teacher"]["checkpoint"] = f"teacher/{carried.name}"  # in the job's working_dir
-    parse_config(json.loads(json.dumps(data)))  # what the job will read must still validate
-    return data
-
-
-def local_path_notes(config: Config) -> list[str]:
-    """Paths of a resolved config that only work if every node of the cluster sees this
-    machine's files."""
-    notes = []
-    if protocol_of(config.run.output) == "file":
-        notes.append(
-            f"run.output {config.run.output} is a local path: every node of the "
-            "cluster must see it (a shared filesystem); use s3://… otherwise"
-        )
-    checkpoint = config.teacher.checkpoint
-    if protocol_of(checkpoint) == "file" and not os.path.isfile(checkpoint):
-        notes.append(f"teacher.checkpoint {checkpoint} is not here: it must exist on the cluster")
-    return notes
-
-
-def stage(
-    config: Config, staging: Path, package: str = "upload"
-) -> tuple[str, dict[str, Any], dict[str, str]]:
-    """Write the job's files under ``staging``: (entrypoint, runtime_env, metadata)."""
-    from pipeline.config import resolve
-
-    config = resolve(config)  # (a config from load_config is resolved already)
-    data = job_config(config, staging)
-    (staging / CONFIG_NAME).write_text(yaml.safe_dump(data, sort_keys=False))
-    runtime_env: dict[str, Any] = {
-        "working_dir": str(staging),
-        "env_vars": {"PYTHONUNBUFFERED": "1"},  # progress lines reach the job log as written
-    }
-    if package == "upload":
-        runtime_env["py_modules"] = [package_dir(name) for name in PACKAGES]
-        runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-    metadata = {
-        "dreamshard_run": config.run.name,
-        "dreamshard_output": join(data["run"]["output"], config.run.name),
-    }
-    return f"python -m pipeline.cli run {CONFIG_NAME}", runtime_env, metadata
-
-
-def package_dir(name: str) -> str:
-    module = __import__(name)
-    return str(Path(module.__file__).parent)
-
-
 def submit(args: argparse.Namespace) -> int:
-    """``dreamshard submit``: validate locally, then hand the run to the cluster."""
-    from pipeline.config import load_config
-
-    config = load_config(args.config, args.overrides)  # {date}: the night it is submitted
-    check_credentials(config)
-    for note in local_path_notes(config):
-        print(f"dreamshard: note: {note}", file=sys.stderr)
-    client = connect(args.address)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    submission_id = f"dreamshard-{config.run.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+    """``dreamshard submit``: validate locally, then hand the job to the cluster."""
+    words, config = list(args.command), args.config
+    if config is None:  # `submit --command eval kd CONFIG`: the option took CONFIG too
+        if len(words) < 2:
+            raise InputError("submit: CONFIG is required")
+        config = words.pop()
+    command = job_command(words)
     with tempfile.TemporaryDirectory(prefix="dreamshard-job-") as staging:
-        entrypoint, runtime_env, metadata = stage(config, Path(staging), args.package)
+        prepared = command.prepare(config, list(args.overrides), Path(staging))
+        check_credentials(prepared.data["run"]["storage_options"])
+        for note in prepared.notes:
+            print(f"dreamshard: note: {note}", file=sys.stderr)
+        client = connect(args.address)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        submission_id = f"dreamshard-{prepared.run}-{stamp}-{uuid.uuid4().hex[:6]}"
+        entrypoint, runtime_env, metadata = write_job(
+            prepared, command, Path(staging), args.package
+        )
         try:
             job_id = client.submit_job(
                 entrypoint=entrypoint,
@@ -215,7 +155,7 @@ def submit(args: argparse.Namespace) -> int:
             )
         except RuntimeError as error:
             raise InputError(f"the cluster refused the job: {error}") from error
-    print(f"submitted {job_id}: run {config.run.name} -> {metadata['dreamshard_output']}")
+    print(f"submitted {job_id}: {' '.join(words)} {prepared.run} -> {prepared.output}")
     if not args.wait:
         print(f"  follow: dreamshard jobs logs {job_id} --follow --address {client.get_address()}")
         return 0
@@ -307,7 +247,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``submit`` and ``jobs`` on the top-level subparsers."""
     address_help = "the dashboard URL, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS)"
     submit_parser = config_command(
-        commands, "submit", "run a config on a Ray cluster (Jobs API)", submit
+        commands, "submit", "run a config on a Ray cluster (Jobs API)", submit, config_nargs="?"
+    )
+    submit_parser.add_argument(
+        "--command",
+        nargs="+",
+        default=["run"],
+        metavar="WORD",
+        help="what the job runs: run (default), or eval ACTION (kd, prune, scratch, fidelity) "
+        "with an evaluation config",
     )
     submit_parser.add_argument("--address", help=address_help)
     submit_parser.add_argument(

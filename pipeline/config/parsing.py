@@ -19,6 +19,7 @@ import yaml
 from pipeline.config.resolution import resolve
 from pipeline.config.sections import OPTIONAL_SECTIONS, SECTIONS, Config, SynthesizerSection
 from pipeline.errors import InputError
+from pipeline.keypaths import assign
 from pipeline.models.archs import architecture_names
 from synthesizers import get_synthesizer, synthesizer_names
 
@@ -57,16 +58,7 @@ def read_config_data(
 
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in ``data``; the value is parsed as YAML (``1``, ``[1, 2]``)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise InputError(f"--set {override!r}: expected key.path=value")
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise InputError(f"--set {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    assign(data, override, "--set")
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -193,6 +185,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         return coerce(value, options[0], where)
     if hint is Any:
         return value
+    if origin is typing.Literal:
+        return choice(value, args, where)
     if dataclasses.is_dataclass(hint):
         return build(hint, _mapping(value, where), where)
     if origin in (tuple, list):
@@ -211,6 +205,27 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         accepted, description = SCALARS[hint]
         # bool is an int in Python; a YAML `true` is never a number here
         if not isinstance(value, accepted) or (isinstance(value, bool) and hint is not bool):
+            if hint is str and isinstance(value, bool):
+                description += " (YAML reads a bare yes/no/on/off as a boolean: quote it)"
             raise InputError(f"{where}: expected {description}, got {value!r}")
         return float(value) if hint is float else value
     raise InputError(f"{where}: unsupported field type {hint}")
+
+
+SWITCH_WORDS = ("on", "off")
+
+
+def choice(value: Any, choices: tuple[Any, ...], where: str) -> Any:
+    """One of a ``Literal``'s ``choices``.
+
+    YAML 1.1 (PyYAML) reads a bare ``on``/``off``/``yes``/``no`` as a boolean, so
+    ``--set synthesizer.compile=off`` arrives as ``False``. A field whose choices include
+    both ``"on"`` and ``"off"`` is a switch: a boolean means exactly those words there, and
+    is taken back as ``"on"``/``"off"``. Other fields keep refusing a boolean (``run.name:
+    no`` must not quietly become ``"off"``).
+    """
+    if isinstance(value, bool) and all(word in choices for word in SWITCH_WORDS):
+        value = "on" if value else "off"
+    if isinstance(value, bool) or value not in choices:
+        raise InputError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value

@@ -235,7 +235,7 @@ class ActorPool:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
                 if isinstance(error, ray.exceptions.RayActorError):
-                    log.warning("actor for %s %s died; starting a new one", self.label, name(task))
+                    log.warning("actor for %s died; starting a new one", name(task))
                     self.actors[slot] = self.new_actor()
                 cause = getattr(error, "cause", None)
                 tries[id(task)] = tries.get(id(task), 0) + 1

@@ -1,4 +1,5 @@
-"""Ray custom metrics: what a run produced, as counters on the cluster's Prometheus endpoint.
+"""Ray custom metrics: what a run produced and what it is doing, on the cluster's
+Prometheus endpoint.
 
 Ray exports them with a ``ray_`` prefix (``ray_dreamshard_images_synthesized_total`` …)
 from every node's metrics agent; the Ray dashboard's Grafana panels and any Prometheus
@@ -17,13 +18,15 @@ log = logging.getLogger("dreamshard.metrics")
 
 TAGS = ("run", "synthesizer")
 WRITE_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+# a shard's synthesis: seconds on a GPU for small shards, up to hours on CPUs
+SYNTHESIS_SECONDS_BOUNDARIES = [1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200]
 
 
 class ShardMetrics:
-    """The counters one process reports to; created once per process, on first use."""
+    """The metrics one process reports to; created once per process, on first use."""
 
     def __init__(self) -> None:
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         self.synthesized = Counter(
             "dreamshard_images_synthesized",
@@ -47,6 +50,19 @@ class ShardMetrics:
             "dreamshard_shard_write_seconds",
             description="Seconds to encode and store one shard's tar (after synthesis).",
             boundaries=WRITE_SECONDS_BOUNDARIES,
+            tag_keys=TAGS,
+        )
+        self.synthesis_seconds = Histogram(
+            "dreamshard_shard_synthesis_seconds",
+            description="Seconds of synthesis (every filter attempt) for one written shard.",
+            boundaries=SYNTHESIS_SECONDS_BOUNDARIES,
+            tag_keys=TAGS,
+        )
+        # One series per worker process (Ray adds a WorkerId label): 1 while it works on
+        # a shard, 0 after; sum by (run, synthesizer) for the shards in flight.
+        self.in_flight = Gauge(
+            "dreamshard_shards_in_flight",
+            description="Shards this worker is synthesizing now (0 or 1); sum over workers.",
             tag_keys=TAGS,
         )
 
@@ -97,8 +113,17 @@ def record_shard(sidecar: Sidecar, run: str, synthesizer: str) -> None:
         metrics.shards.inc(1, tags=labels)
         write = max(0.0, sidecar.seconds - (sidecar.synthesis_seconds or 0.0))
         metrics.write_seconds.observe(write, tags=labels)
+        if sidecar.synthesis_seconds is not None:
+            metrics.synthesis_seconds.observe(sidecar.synthesis_seconds, tags=labels)
+        metrics.in_flight.set(0, tags=labels)
 
     _safely(record)
+
+
+def record_shard_started(run: str, synthesizer: str) -> None:
+    """This worker starts a shard: its in-flight gauge is 1 until :func:`record_shard`
+    (a try that fails leaves it at 1 until this worker's next shard, or its end)."""
+    _safely(lambda metrics: metrics.in_flight.set(1, tags=tags(run, synthesizer)))
 
 
 def record_failure(run: str, synthesizer: str) -> None:

@@ -113,8 +113,11 @@ class Sidecar:
 
     @classmethod
     def load(cls, url: str, options: dict[str, Any] | None = None) -> Sidecar:
-        """The sidecar at ``url`` (beside its tar: ``{name}.json``)."""
-        return cls.from_json(read_json(url, options))
+        """The sidecar at ``url`` (beside its tar: ``{name}.json``; a sidecar that does not
+        name its shard is named by its file)."""
+        data = read_json(url, options)
+        data.setdefault("shard", url.rsplit("/", 1)[-1].removesuffix(".json"))
+        return cls.from_json(data)
 
 
 def class_histogram(labels: list[int]) -> dict[str, int]:

@@ -239,15 +239,41 @@ def endpoint_of(url: str, options: dict[str, Any] | None = None) -> str:
     return redact_url(endpoint)
 
 
-def register_webdataset_opener() -> None:
-    """Let the ``webdataset`` library open ``s3://`` (and any fsspec) URLs.
+WEBDATASET_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
 
-    Credentials and the endpoint come from the standard AWS environment.
+
+class FsspecOpener:
+    """Opens URLs for reading through fsspec with fixed storage options (a plain class, so
+    that DataLoader workers can pickle it). Holds the options: never log one."""
+
+    def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+
+    def __call__(self, url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+        fs, path = filesystem(url, self.storage_options)
+        return fs.open(path, mode)
+
+    def __repr__(self) -> str:
+        return f"FsspecOpener({redact(self.storage_options)})"
+
+    def streams(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A webdataset pipeline stage: ``{"url": …}`` -> the same with an open
+        ``"stream"``, closed when the next shard is asked for (the tar is read by then)."""
+        for sample in source:
+            with self(sample["url"]) as stream:
+                yield {**sample, "stream": stream}
+
+
+def register_webdataset_opener(storage_options: dict[str, Any] | None = None) -> None:
+    """Let the ``webdataset`` library open ``s3://`` (and other fsspec) URLs.
+
+    ``storage_options`` are fsspec's, as ``run.storage_options`` takes them
+    (``endpoint_url``, ``key``, ``secret``, ``profile``, ``client_kwargs`` …); without them
+    the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` …, profiles)
+    is used. webdataset's openers are per process: a later call replaces this one.
     """
     from webdataset.gopen import gopen_schemes  # (webdataset.gopen is also a function)
 
-    def fsspec_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
-        return fsspec.open(url, mode).open()
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory"):
-        gopen_schemes.setdefault(scheme, fsspec_opener)
+    opener = FsspecOpener(storage_options)
+    for scheme in WEBDATASET_SCHEMES:
+        gopen_schemes[scheme] = opener

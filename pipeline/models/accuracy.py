@@ -36,7 +36,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
 
 
 @torch.no_grad()
-def test_accuracy(
+def classifier_accuracy(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,

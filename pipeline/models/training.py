@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
-from pipeline.models.accuracy import normalise, test_accuracy
+from pipeline.models.accuracy import classifier_accuracy, normalise
 from pipeline.models.archs import build_architecture
 from synthesizers.precision import autocast_dtype
 
@@ -113,7 +113,7 @@ def train_teacher(
             "seconds": time.perf_counter() - start,
         }
         if test is not None:
-            entry["test_accuracy"] = test_accuracy(
+            entry["test_accuracy"] = classifier_accuracy(
                 model, *test, config.mean, config.std, num_classes
             )["accuracy"]
         history.append(entry)

@@ -1,6 +1,7 @@
 """A run's records: ``run.json`` (what was asked, written before any shard),
-``manifest.json`` + ``index.parquet`` + ``preview.png`` (written once every shard is
-complete), and :func:`inspect_run` that reports on a run folder."""
+``manifest.json`` + ``index.parquet`` + ``preview.png`` + the dataset card and wids index
+(:mod:`pipeline.stages.card`; written once every shard is complete), and
+:func:`inspect_run` that reports on a run folder."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.io.images import contact_sheet
 from pipeline.io.integrity import damaged_shards, shard_images
 from pipeline.io.shards import Sidecar, completed_shards, shard_url
 from pipeline.io.storage import atomic_open, exists, join, read_json, redact, write_json
+from pipeline.stages.card import WIDS_INDEX_NAME, shard_pattern, write_card_and_index
 from pipeline.stages.plan import ShardTask, make_plan
 
 RESUMABLE_SECTIONS = ("runtime",)  # may change between a run and its resumption
@@ -74,7 +76,8 @@ def finalise_run(
     options: dict[str, Any] | None,
     metadata: Any = None,
 ) -> dict[str, Any]:
-    """Index, preview and manifest (last: the manifest marks the run as complete).
+    """Index, preview, wids index, dataset card and manifest (last: the manifest marks
+    the run as complete).
 
     ``metadata`` (a :class:`pipeline.stages.metadata.Metadata`) is summarised when the run used one.
     """
@@ -103,6 +106,8 @@ def finalise_run(
         "dreamshard_version": pipeline.__version__,
         "python": platform.python_version(),
         "shards": shard_entries(run_url, sidecars),
+        "shard_pattern": shard_pattern(run_url, [s.shard for s in sidecars]),
+        "wids_index": join(run_url, WIDS_INDEX_NAME),
         "totals": totals,
     }
     if metadata is not None:
@@ -112,6 +117,7 @@ def finalise_run(
             **{k: info.get(k) for k in ("scenario", "source", "source_digest", "images", "used")},
             "dropped": info.get("dropped", {}),
         }
+    write_card_and_index(run_url, manifest, options)
     write_json(join(run_url, "manifest.json"), manifest, options)
     return manifest
 

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import Config, FilterConfig
 from pipeline.execution.device import worker_device
-from pipeline.execution.metrics import record_shard
+from pipeline.execution.metrics import record_shard, record_shard_started
 from pipeline.io.shards import Sample, ShardStore, Sidecar
 from pipeline.models.accuracy import normalise
 from pipeline.models.archs import build_architecture
@@ -209,6 +209,7 @@ class ShardWorker:
     def run(self, task: ShardTask) -> Sidecar:
         """Do the whole shard and return its sidecar (also written to storage)."""
         start = time.perf_counter()
+        record_shard_started(self.config.run.name, self.config.synthesizer.name)
         samples: list[Sample] = []
         attempts = synthesized = 0
         nonfinite: list[int] = []
