@@ -464,7 +464,8 @@ def test_writes_retry_with_backoff_through_a_10_second_s3_outage(
     retries = [r.getMessage() for r in caplog.records if r.name == "dreamshard.storage"]
     assert retries, "no write met the outage"
     assert all(server.endpoint_url in m and server.secret not in m for m in retries)
-    assert len(retries) <= 5 and "retry 1 of 5 in 1.0 s" in retries[0]
+    assert len(retries) <= 5 and "retry 1 of 5 in " in retries[0]
+    assert "(jittered, at most 1.0 s)" in retries[0]
     assert outage >= 10
     plan = [t.name for t in make_plan(config)]
     assert check_complete_run(s3_files(fs, run_url), outcome["manifest"], plan) == 96
@@ -532,7 +533,10 @@ def test_only_transient_storage_errors_are_retried_within_a_bounded_budget() -> 
             raise ConnectionResetError(104, "reset")
         return "done"
 
-    assert with_retries(flaky, "s3://b/k", 3, 0.5, "http://e", waits.append) == "done"
+    def most() -> float:  # the jitter's upper bound: the waits are their caps
+        return 1.0
+
+    assert with_retries(flaky, "s3://b/k", 3, 0.5, "http://e", waits.append, most) == "done"
     assert waits == [0.5, 1.0] and calls["n"] == 3
 
     def down() -> None:
@@ -540,7 +544,7 @@ def test_only_transient_storage_errors_are_retried_within_a_bounded_budget() -> 
 
     waits.clear()
     with pytest.raises(StorageUnavailable, match=r"s3://b/k: http://e did not answer after 3"):
-        with_retries(down, "s3://b/k", 2, 1.0, "http://e", waits.append)
+        with_retries(down, "s3://b/k", 2, 1.0, "http://e", waits.append, most)
     assert waits == [1.0, 2.0]
 
     def gone() -> None:
