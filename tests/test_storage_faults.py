@@ -30,7 +30,7 @@ from pipeline.io.retries import (
     retry_wait,
     with_retries,
 )
-from pipeline.io.shards import Sample, ShardStore
+from pipeline.io.shards import Sample, ShardStore, Sidecar, completed_shards
 
 REFUSED = ConnectionRefusedError(111, "refused")
 
@@ -103,6 +103,18 @@ def test_a_silent_endpoint_fails_a_write_within_the_documented_budget() -> None:
     assert "did not answer after 3 tries" in message and "Read timeout" in message
     assert 3 * 1 <= elapsed < 3 * budget, elapsed  # three read timeouts, nothing stacked
     assert len(silent.connections) == 3  # one request per try: no botocore or s3fs repeats
+
+
+def test_a_shard_written_after_its_folder_was_listed_reads_back(s3_server) -> None:
+    """Shard writes go through a filesystem of their own (one s3fs attempt); the listing
+    this process cached through the shared one must not hide what they wrote."""
+    run_url = f"s3://{s3_server.make_bucket()}/runs/test"
+    options = s3_server.storage_options()
+    store = ShardStore(run_url, options)
+    store.write("train-000000", tiny_samples(), "seed")
+    assert completed_shards(run_url, options) == {"train-000000"}  # the folder is listed
+    store.write("train-000001", tiny_samples(), "seed")
+    assert Sidecar.read(run_url, "train-000001", options).samples == 1
 
 
 # --- 503 SlowDown and 429 from the store, in front of the real server

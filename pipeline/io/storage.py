@@ -193,6 +193,8 @@ def atomic_open(
         f.close()  # completes the upload
         if local:
             os.replace(target, path)
+        elif single_attempt:  # written by its own instance: the shared one's listings are stale
+            filesystem(url, options)[0].invalidate_cache(path)
     except BaseException:  # in the caller's block, the upload, or the rename
         _discard(f, fs, target, local)
         raise
