@@ -82,6 +82,10 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         "fault",
         "run folder made immutable mid-run (permission denied), then fixed and rerun",
     ),
+    f"{STORAGE}::test_a_shard_written_after_its_folder_was_listed_reads_back": (
+        "check",
+        "regression: a listing cached before a shard write does not hide the shard",
+    ),
     f"{FAULTS}::test_the_poison_really_makes_the_batch_nonfinite": (
         "check",
         "precondition: the NaN/inf poison really makes a batch non-finite",
