@@ -16,8 +16,9 @@ the maximum is reported as a cross-check.
 Afterwards every tar is read back: sha256 against its sidecar and the manifest, sample
 count with ``tarfile``, no key twice, totals; then ``dreamshard inspect --verify``.
 
-``--faults`` also runs ``tests/test_faults.py`` and the Ray Train kill test with pytest
-and records each test's outcome and duration in the results.
+``--faults`` also runs the fault tests (``reliability_faults.py``: ``tests/test_faults.py``,
+``tests/test_storage_faults.py`` and the Ray Train kill test) with pytest and records each
+test's outcome and duration, real injected faults apart from checks.
 
 Run from the repository root::
 
@@ -40,21 +41,17 @@ import sys
 import tarfile
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from common import ROOT
+from reliability_faults import run_faults
 
 # isort: split
 import seaweed
 
-FAULT_TESTS = [
-    "tests/test_faults.py",
-    "tests/test_evaluation_training.py::test_a_killed_worker_resumes_from_the_last_checkpoint",
-]
 MIB = 2**20
 
 
@@ -236,34 +233,6 @@ def inspect_verify(run_url: str, options: dict[str, Any]) -> int:
         return main(["inspect", run_url, "--verify", *flags])
 
 
-def run_faults(work: Path) -> dict[str, Any]:
-    """The fault tests under pytest; each test's outcome and seconds (junit XML)."""
-    report = work / "faults.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAULT_TESTS]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
-    subprocess.run([*command, f"--junitxml={report}"], cwd=ROOT, env=env, check=False)
-    tests = []
-    for case in ElementTree.parse(report).getroot().iter("testcase"):
-        outcome = "passed"
-        for tag in ("failure", "error", "skipped"):
-            if case.find(tag) is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-        tests.append(
-            {
-                "test": f"{case.get('classname')}::{case.get('name')}",
-                "outcome": outcome,
-                "seconds": round(float(case.get("time", 0)), 1),
-            }
-        )
-    return {
-        "command": "python -m pytest -q " + " ".join(FAULT_TESTS),
-        "seconds": round(time.monotonic() - start, 1),
-        "tests": tests,
-        "survived": sum(t["outcome"] == "passed" for t in tests),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=200)
@@ -312,7 +281,7 @@ def main() -> None:
         "command": "python benchmarks/reliability_load.py " + " ".join(sys.argv[1:]),
     }
     if args.faults:
-        results["faults"] = run_faults(work)
+        results["faults"] = run_faults()
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(temp_dir, ignore_errors=True)
     print(json.dumps(results, indent=2))

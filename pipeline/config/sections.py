@@ -139,7 +139,7 @@ class RuntimeConfig:
     cpus_per_worker: float = 1.0
     max_retries: int = 2  # extra tries for a failed shard
     progress: bool = True
-    io_retries: int = 5  # extra tries of a storage write on a transient error
+    io_retries: int = 7  # extra tries of a storage write on a transient error (jittered)
     io_backoff_s: float = 1.0  # the first wait between them, doubled each time
     verify: bool = False  # a rerun also hashes every completed shard (always: their sizes)
     lease_heartbeat_s: float = 10.0  # the driver rewrites {run}/lease.json this often

@@ -5,8 +5,8 @@ A stage's work is a worker class with one method, ``run(task) -> result`` (a
 :class:`pipeline.io.shards.Sidecar` for the stages that write shards). The pool builds
 workers as ``worker(*args, device=..., threads=...)``: one in this process, or one Ray
 actor per GPU (or per ``cpus_per_worker`` CPUs). A failed task is retried
-``runtime.max_retries`` times (on a fresh actor if its actor died); bad input and
-storage that stays down stop the run at once.
+``runtime.max_retries`` times (on a fresh actor if its actor died); bad input, storage
+that stays down and storage that denies permission stop the run at once.
 """
 
 from __future__ import annotations
@@ -165,12 +165,18 @@ class ActorPool:
         return results
 
     def _failed(self, what: str, error: BaseException, tries: int) -> None:
-        """Bad input and storage past its retry budget stop everything; the rest is
-        retried (reported by the caller)."""
+        """Bad input, storage past its retry budget and storage that refuses (permission
+        denied: no retry can fix it) stop everything; the rest is retried (reported by
+        the caller)."""
         if isinstance(error, InputError):
             raise error
         if isinstance(error, StorageUnavailable):
             raise RunFailed(f"{self.label} {what}: {error}") from error
+        if isinstance(error, PermissionError):
+            raise RunFailed(
+                f"{self.label} {what}: permission denied ({error}); completed shards are "
+                "kept, fix the permissions and rerun to resume"
+            ) from error
         if self.on_failure is not None:
             self.on_failure()
         log.warning("%s %s failed (try %d): %s", self.label, what, tries, error)

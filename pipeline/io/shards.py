@@ -82,7 +82,9 @@ class Sidecar:
     seconds: float = 0.0
     device: str = ""
     index: list[list[Any]] = field(default_factory=list)  # key, label, confidence, seed|distance
-    write_retries: int = 0  # storage retries the tar write needed
+    # storage retries the tar and this sidecar needed, together (each sidecar attempt
+    # carries its own count: the one that landed says how many went before it)
+    write_retries: int = 0
     # synthesis
     planned: int | None = None
     accepted: int | None = None
@@ -149,14 +151,18 @@ class HashingWriter:
 
 
 def write_tar(
-    url: str, samples: list[Sample], options: dict[str, Any] | None = None
+    url: str,
+    samples: list[Sample],
+    options: dict[str, Any] | None = None,
+    single_attempt: bool = False,
 ) -> tuple[str, int]:
     """Write ``samples`` as one tar at ``url``; returns (sha256, bytes).
 
     The file is opened with fsspec and wrapped in ``webdataset.TarWriter``; both are
-    closed explicitly, and the upload is visible only once complete.
+    closed explicitly, and the upload is visible only once complete. ``single_attempt``:
+    the caller retries (see :func:`pipeline.io.storage.filesystem`).
     """
-    with atomic_open(url, options) as f:
+    with atomic_open(url, options, single_attempt) as f:
         stream = HashingWriter(f)
         writer = wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME)
         try:
@@ -202,7 +208,7 @@ class ShardStore:
 
         def tar() -> tuple[str, int]:
             tries[0] += 1
-            return write_tar(url, samples, self.options)
+            return write_tar(url, samples, self.options, single_attempt=True)
 
         sha256, size = self._retrying(tar, url)
         sidecar = Sidecar(
@@ -216,7 +222,13 @@ class ShardStore:
             **fields,
         )
         target = sidecar_url(self.run_url, name)
-        self._retrying(lambda: write_json(target, sidecar.to_json(), self.options), target)
+
+        def mark() -> None:
+            tries[0] += 1
+            sidecar.write_retries = tries[0] - 2  # the tar's one success is not a retry
+            write_json(target, sidecar.to_json(), self.options, single_attempt=True)
+
+        self._retrying(mark, target)
         return sidecar
 
     def _retrying(self, action: Callable[[], T], url: str) -> T:

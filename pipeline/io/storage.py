@@ -21,23 +21,30 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from pipeline.errors import InputError
+from pipeline.io.s3config import S3_BOTOCORE_RETRIES, s3_config_kwargs
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s@]*@")
 PROBE_SECONDS = 5
+SINGLE_ATTEMPT_AGENT = "dreamshard-retried-write"
 
 log = logging.getLogger("dreamshard.storage")
 T = TypeVar("T")
 
 
 def normalise_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """fsspec keyword arguments for ``url``; ``endpoint_url`` is routed where s3fs wants it."""
+    """fsspec keyword arguments for ``url``; ``endpoint_url`` is routed where s3fs wants it,
+    and every S3 request gets botocore's connect and read timeouts and a single botocore
+    attempt (unless ``config_kwargs`` says otherwise)."""
     options = dict(options or {})
     check_acl(options)
-    if protocol_of(url) == "s3" and "endpoint_url" in options:
+    if protocol_of(url) != "s3":
+        return options
+    if "endpoint_url" in options:
         client = dict(options.pop("client_kwargs", {}) or {})
         client["endpoint_url"] = options.pop("endpoint_url")
         options["client_kwargs"] = client
+    options["config_kwargs"] = s3_config_kwargs(options.get("config_kwargs"))
     return options
 
 
@@ -70,12 +77,32 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
-def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """The fsspec filesystem and the path inside it for ``url``."""
+def filesystem(
+    url: str, options: dict[str, Any] | None = None, single_attempt: bool = False
+) -> tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for ``url``.
+
+    ``single_attempt``: for writes the caller retries itself (:class:`ShardStore`). s3fs
+    repeats a request that timed out or was throttled up to 5 times on its own
+    (``S3FileSystem.retries``, not a constructor option), which would multiply the caller's
+    budget; such writes get a filesystem of their own (told apart by its user agent) that
+    tries once. Other operations keep s3fs's repeats: dreamshard does not retry reads.
+    """
+    opts = normalise_options(url, options)
+    single = single_attempt and protocol_of(url) == "s3"
+    if single:
+        config = opts["config_kwargs"]
+        agent = config.get("user_agent_extra")
+        config["user_agent_extra"] = (
+            f"{agent} {SINGLE_ATTEMPT_AGENT}" if agent else SINGLE_ATTEMPT_AGENT
+        )
     try:
-        return url_to_fs(url, **normalise_options(url, options))
+        fs, path = url_to_fs(url, **opts)
     except (ValueError, ImportError) as error:
         raise InputError(f"{url}: unsupported storage URL ({error})") from error
+    if single:
+        fs.retries = 1  # this instance only (fsspec caches it under these options)
+    return fs, path
 
 
 def absolute(url: str) -> str:
@@ -136,20 +163,25 @@ def read_json(url: str, options: dict[str, Any] | None = None) -> Any:
     return json.loads(read_bytes(url, options))
 
 
-def write_json(url: str, value: Any, options: dict[str, Any] | None = None) -> None:
-    with atomic_open(url, options) as f:
+def write_json(
+    url: str, value: Any, options: dict[str, Any] | None = None, single_attempt: bool = False
+) -> None:
+    with atomic_open(url, options, single_attempt) as f:
         f.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
 
 
 @contextmanager
-def atomic_open(url: str, options: dict[str, Any] | None = None) -> Iterator[IO[bytes]]:
+def atomic_open(
+    url: str, options: dict[str, Any] | None = None, single_attempt: bool = False
+) -> Iterator[IO[bytes]]:
     """Open ``url`` for writing so that readers see the whole file or nothing.
 
     Object stores make an upload visible only when it completes (one PUT, or the
     completion of a multipart upload), so the final key is written directly. A local
     file is written under a temporary name and renamed. On an error nothing is left.
+    ``single_attempt``: see :func:`filesystem` (for writes the caller retries).
     """
-    fs, path = filesystem(url, options)
+    fs, path = filesystem(url, options, single_attempt)
     local = protocol_of(url) == "file"
     target = f"{path}.partial-{uuid.uuid4().hex}" if local else path
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -161,6 +193,8 @@ def atomic_open(url: str, options: dict[str, Any] | None = None) -> Iterator[IO[
         f.close()  # completes the upload
         if local:
             os.replace(target, path)
+        elif single_attempt:  # written by its own instance: the shared one's listings are stale
+            filesystem(url, options)[0].invalidate_cache(path)
     except BaseException:  # in the caller's block, the upload, or the rename
         _discard(f, fs, target, local)
         raise
@@ -208,7 +242,7 @@ def _check_bucket(url: str, options: dict[str, Any] | None) -> None:
         **opts.get("config_kwargs", {}),
         "connect_timeout": PROBE_SECONDS,
         "read_timeout": PROBE_SECONDS,
-        "retries": {"max_attempts": 1},
+        "retries": dict(S3_BOTOCORE_RETRIES),
     }
     opts["skip_instance_cache"] = True
     bucket = url.removeprefix("s3://").split("/", 1)[0]

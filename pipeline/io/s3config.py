@@ -1,0 +1,43 @@
+"""The botocore settings of every S3 request dreamshard makes: bounded waits, one attempt.
+
+A request waits at most ``connect_timeout`` for the connection and ``read_timeout`` for
+each read of the answer; botocore makes one attempt (its retries would stack with
+dreamshard's own, ``runtime.io_retries``). Each may be overridden in
+``storage_options.config_kwargs``.
+
+botocore asks every upload (``PutObject``, ``UploadPart``) to wait for ``100 Continue``
+before sending the body, and aiohttp bounds that wait by no timeout: a server that
+accepts the connection and never answers held a write forever, whatever
+``read_timeout`` said. :class:`NoExpectSession` sends the body at once instead, so the
+read timeout bounds the wait for the answer (a refused upload is then sent whole before
+its error arrives).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiobotocore.httpsession import AIOHTTPSession
+
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 15
+S3_BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 1}
+
+
+class NoExpectSession(AIOHTTPSession):
+    """aiobotocore's HTTP session, without ``Expect: 100-continue`` (not signed)."""
+
+    async def send(self, request: Any) -> Any:
+        if "Expect" in request.headers:
+            del request.headers["Expect"]
+        return await super().send(request)
+
+
+def s3_config_kwargs(config: dict[str, Any] | None) -> dict[str, Any]:
+    """``botocore.client.Config`` arguments: ``config`` with dreamshard's defaults filled in."""
+    config = dict(config or {})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+    config.setdefault("read_timeout", S3_READ_TIMEOUT_S)
+    config.setdefault("retries", dict(S3_BOTOCORE_RETRIES))
+    config.setdefault("http_session_cls", NoExpectSession)
+    return config
