@@ -69,6 +69,15 @@ CHECKPOINTS = {
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)
 BN_WEIGHT, TV_WEIGHT, LR, JITTER = 10.0, 2.5e-5, 0.05, 2
+# The reference loop's optimiser and augmentation (the cifar preset's loss, the
+# ImageNet script's Adam betas, cosine schedule, flip and clip), set explicitly so that
+# both sides compute the same thing whatever DeepInversion's default preset is.
+REFERENCE: dict[str, Any] = {
+    "betas": (0.5, 0.9),
+    "lr_schedule": "cosine",
+    "flip": True,
+    "clip": True,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -150,7 +159,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def build_variant(model: nn.Module, name: str, overrides: dict[str, Any], args, device):
-    config = DeepInversionConfig(iterations=args.iterations, **overrides)
+    config = DeepInversionConfig(iterations=args.iterations, **REFERENCE, **overrides)
     synth = TimedDeepInversion(copy.deepcopy(model), config, device)
     if name == "trainable teacher":
         for parameter in synth.teacher.parameters():
@@ -320,8 +329,12 @@ def bench_quality(model, reference, args, device, mean, std) -> dict[str, Any]:
     first early-stopping check at which 95% of the batch passes) of this implementation."""
     n, tau = args.quality_iterations, args.tau
     labels = torch.arange(args.quality_batch, device=device) % 10
-    synth = DeepInversion(copy.deepcopy(model), DeepInversionConfig(iterations=n), device)
-    plain = DeepInversion(copy.deepcopy(model), DeepInversionConfig(iterations=n, **PLAIN), device)
+    synth = DeepInversion(
+        copy.deepcopy(model), DeepInversionConfig(iterations=n, **REFERENCE), device
+    )
+    plain = DeepInversion(
+        copy.deepcopy(model), DeepInversionConfig(iterations=n, **REFERENCE, **PLAIN), device
+    )
     seeds: list[dict[str, Any]] = []
     for seed in range(args.quality_seeds):
         spec = SynthesisSpec(labels, SHAPE, seed, tuple(mean), tuple(std))
@@ -334,7 +347,7 @@ def bench_quality(model, reference, args, device, mean, std) -> dict[str, Any]:
         row["reference"] = {"accept_rate": accept_rate(outcome["probs"], labels, tau)}
         row["reference"] |= outcome["losses"]
         seeds.append(row)
-    config = DeepInversionConfig(iterations=n, early_stop=True, early_stop_every=10)
+    config = DeepInversionConfig(iterations=n, early_stop=True, early_stop_every=10, **REFERENCE)
     stopper = DeepInversion(copy.deepcopy(model), config, device)
     spec = SynthesisSpec(labels, SHAPE, 0, tuple(mean), tuple(std), min_confidence=tau)
     stopped = stopper.synthesize(spec)
