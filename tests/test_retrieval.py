@@ -244,6 +244,13 @@ def test_per_class_retrieval_streams_shards_from_s3_with_ray(
     assert totals["pool_tasks"] == 3 and totals["pool_scored"] == 36 and totals["pool_skipped"] == 3
     assert sum(totals["selected_per_target"]) == totals["images"] <= 20
     assert all(n <= 2 for n in totals["selected_per_target"])
+    short = {
+        str(t): {"asked": 2, "selected": n}
+        for t, n in enumerate(totals["selected_per_target"])
+        if n < 2
+    }
+    assert totals["shortfall"] == short  # every class short of its 2 is named
+    assert bool(short) == (totals["images"] < 20)
     register_webdataset_opener()
     samples = [s for shard in manifest["shards"] for s in read_shard(shard["url"])]
     assert len(samples) == totals["images"]

@@ -75,7 +75,7 @@ def run_retrieval(config: Config) -> dict[str, Any]:
             [ScoreTask(t, quotas) for t in tasks], progress=False, reduce=lambda s: absorb(heaps, s)
         )
         scores.sort(key=lambda s: s["task"])
-        jobs = select(config, tasks, heaps, quotas, scores)
+        jobs = select(config, tasks, heaps, scores)
         with Lease.for_run(config.run, config.runtime) as lease:  # one driver per run
             record_retrieval(run_url, config, teacher.digest)
             # the selection's shards already written and intact (damaged: discarded)
@@ -89,7 +89,6 @@ def select(
     config: Config,
     tasks: list[PoolTask],
     heaps: list[TopK],
-    quotas: list[int],
     scores: list[dict[str, Any]],
 ) -> list[WriteJob]:
     """The selection, checked and cut into write jobs."""
@@ -99,9 +98,15 @@ def select(
     if scored < r.num_select:
         raise InputError(too_small(r.pool, scored, skipped, r.num_select))
     selected = [heap.items() for heap in heaps]
-    short = [t for t, q in enumerate(quotas) if len(selected[t]) < q]
+    short = shortfall(heaps)
     if short:  # per class: too few pool images are nearest to these classes
-        log.warning("retrieval: classes %s got fewer than their share of n_t", short)
+        log.warning(
+            "retrieval: %d of %d images selected; targets short of their share of n_t "
+            "(asked, selected): %s",
+            sum(len(c) for c in selected),
+            config.retrieval.num_select,
+            {t: (entry["asked"], entry["selected"]) for t, entry in short.items()},
+        )
     return write_jobs(tasks, selected, scores, config)
 
 
@@ -231,6 +236,16 @@ def stage_config(config: Config) -> dict[str, Any]:
     return data
 
 
+def shortfall(heaps: list[TopK]) -> dict[str, dict[str, int]]:
+    """The targets (classes, with per_class selection) that got fewer candidates than
+    their share of n_t: target -> {asked, selected}."""
+    return {
+        str(t): {"asked": heap.capacity, "selected": len(heap)}
+        for t, heap in enumerate(heaps)
+        if len(heap) < heap.capacity
+    }
+
+
 def finalise(
     run_url: str,
     config: Config,
@@ -266,6 +281,7 @@ def finalise(
             "skipped_examples": [k for s in scores for k in s["skipped_keys"]][:10],
             "classes": {str(k): classes[k] for k in sorted(classes)},
             "selected_per_target": [len(c) for c in selected],
+            "shortfall": shortfall(heaps),  # targets short of their share of n_t
             "distance": {
                 "min": min(distances),
                 "max": max(distances),
