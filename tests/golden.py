@@ -92,6 +92,7 @@ def produce(kind: str) -> dict[str, str]:
         overrides = [
             f"run.output={root / 'out'}",
             f"teacher.checkpoint={REPO / 'models' / 'demo-resnet20.pt'}",
+            f"metadata.artifact={REPO / 'models' / 'demo-metadata.safetensors'}",
             "synthesizer.iterations=20",
             "plan.num_images=128",
             f"runtime.executor={kind}",

@@ -129,9 +129,11 @@ def test_deepinversion_preset_from_yaml_and_set(make_config) -> None:
     with pytest.raises(InputError, match="valid presets: cifar, imagenet"):
         make_config(synthesizer={"name": "deepinversion", "preset": "cifar-10"})
     repo = Path(__file__).resolve().parents[1]
-    for name in ("demo.yaml", "cifar10-deepinversion.yaml"):
-        config = load_config(repo / "configs" / name)
-        assert config.synthesizer.params.preset == "cifar"
-        assert config.synthesizer.params.lr_schedule == "constant"
-    overridden = load_config(repo / "configs" / "demo.yaml", ["synthesizer.preset=imagenet"])
-    assert overridden.synthesizer.params.lr == 0.1  # the demo's own lr still wins
+    config = load_config(repo / "configs" / "cifar10-deepinversion.yaml")
+    assert config.synthesizer.params.preset == "cifar"
+    assert config.synthesizer.params.lr_schedule == "constant"
+    overridden = load_config(
+        repo / "configs" / "cifar10-deepinversion.yaml",
+        ["synthesizer.lr=0.1", "synthesizer.preset=imagenet"],
+    )
+    assert overridden.synthesizer.params.lr == 0.1  # a config's own lr still wins
