@@ -24,8 +24,16 @@ import numpy as np
 
 from pipeline.errors import RunError
 from pipeline.io.retries import is_transient
-from pipeline.io.shards import Sidecar, read_images, shard_sha256, shard_url, sidecar_url
-from pipeline.io.storage import filesystem, join
+from pipeline.io.shards import (
+    Sidecar,
+    complete,
+    listing,
+    read_images,
+    shard_sha256,
+    shard_url,
+    sidecar_url,
+)
+from pipeline.io.storage import filesystem
 
 log = logging.getLogger("dreamshard.integrity")
 REPAIR_HINT = (
@@ -56,16 +64,6 @@ def shard_images(
         raise ShardDamaged(name, url, f"{type(error).__name__}: {error}") from error
 
 
-def listing(run_url: str, options: dict[str, Any] | None = None) -> dict[str, int]:
-    """Every file of the run's shards folder, by file name, with its size (one listing)."""
-    fs, path = filesystem(join(run_url, "shards"), options)
-    try:
-        entries = fs.ls(path, detail=True, refresh=True) if fs.exists(path) else []
-    except FileNotFoundError:
-        entries = []
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries}
-
-
 def read_sidecars(
     run_url: str, names: list[str], options: dict[str, Any] | None = None
 ) -> dict[str, Sidecar | None]:
@@ -86,11 +84,6 @@ def read_sidecars(
         except (ValueError, TypeError, AttributeError):  # not JSON, not a sidecar's fields
             sidecars[name] = None
     return sidecars
-
-
-def complete(files: dict[str, int]) -> set[str]:
-    """The shards of a listing that have both their tar and their sidecar."""
-    return {n[:-5] for n in files if n.endswith(".json") and f"{n[:-5]}.tar" in files}
 
 
 def damaged_shards(

@@ -239,15 +239,24 @@ class ShardStore:
         return completed_shards(self.run_url, self.options)
 
 
-def completed_shards(run_url: str, options: dict[str, Any] | None = None) -> set[str]:
-    """Names of the shards whose sidecar exists (the others do not exist)."""
+def listing(run_url: str, options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Every file of the run's shards folder, by file name, with its size (one listing)."""
     fs, path = filesystem(join(run_url, "shards"), options)
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
+        entries = fs.ls(path, detail=True, refresh=True) if fs.exists(path) else []
     except FileNotFoundError:
         entries = []
-    names = {entry.rsplit("/", 1)[-1] for entry in entries}
-    return {n[:-5] for n in names if n.endswith(".json") and f"{n[:-5]}.tar" in names}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries}
+
+
+def complete(files: dict[str, int] | set[str]) -> set[str]:
+    """The shards of a listing that have both their tar and their sidecar."""
+    return {n[:-5] for n in files if n.endswith(".json") and f"{n[:-5]}.tar" in files}
+
+
+def completed_shards(run_url: str, options: dict[str, Any] | None = None) -> set[str]:
+    """Names of the shards whose sidecar exists (the others do not exist)."""
+    return complete(listing(run_url, options))
 
 
 def remove_partials(run_url: str, options: dict[str, Any] | None = None) -> list[str]:

@@ -20,7 +20,7 @@ from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
 from pipeline.io.images import contact_sheet
 from pipeline.io.integrity import damaged_shards, shard_images
-from pipeline.io.shards import Sidecar, completed_shards, shard_url
+from pipeline.io.shards import Sidecar, complete, listing, shard_url
 from pipeline.io.storage import atomic_open, exists, join, read_json, redact, write_json
 from pipeline.stages.card import WIDS_INDEX_NAME, shard_pattern, write_card_and_index
 from pipeline.stages.plan import ShardTask, make_plan
@@ -205,7 +205,8 @@ def inspect_run(
         raise InputError(f"{url}: not a dreamshard run (no run.json)")
     record = read_json(join(run_url, "run.json"), options)
     plan = make_plan(parse_config(_plain(record["config"])))
-    done = completed_shards(run_url, options)
+    files = listing(run_url, options)  # one listing: completeness and sizes
+    done = complete(files)
     missing = [t.name for t in plan if t.name not in done]
     report: dict[str, Any] = {
         "run_url": run_url,
@@ -217,7 +218,7 @@ def inspect_run(
     }
     if report["finalised"]:
         report["totals"] = read_json(join(run_url, "manifest.json"), options)["totals"]
-    damaged = damaged_shards(run_url, options, verify)  # sizes always, sha256 with verify
+    damaged = damaged_shards(run_url, options, verify, files)  # sizes; sha256 with verify
     report["corrupt"] = [t.name for t in plan if t.name in damaged]
     report["damage"] = {name: damaged[name] for name in report["corrupt"]}
     return report
