@@ -61,10 +61,11 @@ class StudentTrainConfig:
     temperature: float = 5.0  # Hinton KD temperature
     alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the hard-label term
     logits: str = "online"  # online (run the teacher) | stored (the shards' logits.npy)
+    eval_every: int = 1  # epochs between test-set evaluations (the last epoch always is one)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size and lr must be positive")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
+            raise ValueError("epochs, batch_size, lr and eval_every must be positive")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be cosine or step, got {self.schedule!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:

@@ -38,6 +38,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         image_size=spec.image_size,
         num_classes=spec.num_classes,
         epochs=train.epochs,
+        eval_every=train.eval_every,
         batch_size=train.batch_size,
         lr=train.lr,
         momentum=train.momentum,

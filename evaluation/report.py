@@ -39,6 +39,7 @@ def accuracy_plot(curves: dict[str, list[dict]]) -> bytes:
 
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
     for label, history in curves.items():
+        history = [entry for entry in history if "test_accuracy" in entry]  # evaluated epochs
         epochs = [entry["epoch"] for entry in history]
         axes.plot(
             epochs, [100 * entry["test_accuracy"] for entry in history], marker="o", label=label

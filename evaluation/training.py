@@ -2,10 +2,11 @@
 
 :func:`fit` runs :func:`train_loop` on ``runtime.num_workers`` ``TorchTrainer`` workers
 (gloo on CPU, nccl on GPU). Each worker streams its share of the shards
-(:class:`evaluation.loader.ShardDataset`); rank 0 evaluates on the real test set after
-every epoch and saves a checkpoint (model, optimizer, schedule, history) into the run's
-storage. When a worker dies, Ray Train restarts the group (``FailureConfig``) and the
-loop resumes from the last checkpoint, not from epoch 0.
+(:class:`evaluation.loader.ShardDataset`); rank 0 evaluates on the real test set every
+``eval_every`` epochs and after the last, and after every epoch saves a checkpoint
+(model, optimizer, schedule, history) into the run's storage. When a worker dies, Ray
+Train restarts the group (``FailureConfig``) and the loop resumes from the last checkpoint,
+not from epoch 0.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class TrainJob:
     augment: bool = True
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 1  # epochs between test-set evaluations; the last epoch always is one
 
 
 def kd_loss(
@@ -162,10 +164,12 @@ def train_loop(config: dict[str, Any]) -> None:
         checkpoint = None
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                result = evaluate(model.module if world > 1 else model, job, device)
-                entry.update(test_accuracy=result["accuracy"], per_class=result["per_class"])
-                if state["best"] is None or result["accuracy"] > state["best"]["test_accuracy"]:
-                    state["best"] = {"epoch": epoch + 1, "test_accuracy": result["accuracy"]}
+                if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.epochs:
+                    result = evaluate(model.module if world > 1 else model, job, device)
+                    entry.update(test_accuracy=result["accuracy"], per_class=result["per_class"])
+                    best = state["best"]
+                    if best is None or result["accuracy"] > best["test_accuracy"]:
+                        state["best"] = {"epoch": epoch + 1, "test_accuracy": result["accuracy"]}
                 state["history"].append(entry)
                 state["epoch"] = epoch + 1
                 plain = model.module if world > 1 else model

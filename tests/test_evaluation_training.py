@@ -102,13 +102,14 @@ def test_uneven_shards_lose_no_sample_on_two_workers(
     ray_cluster, data, teacher_checkpoint: str, tmp_path: Path
 ) -> None:
     # 3 shards of 8, 8 and 4 samples on 2 Ray Train workers: every sample, every epoch;
-    # stored logits with augmentation: the teacher is taught on the augmented views
+    # stored logits with augmentation: the teacher is taught on the augmented views;
+    # eval_every 2: the test set is evaluated after epoch 2 only
     shards = write_sized_shards(tmp_path / "uneven", [8, 8, 4])
     config = eval_config(
         tmp_path,
         {"shards": shards, "test": data["test"]},
         teacher_checkpoint,
-        train={"epochs": 2, "batch_size": 6, "logits": "stored"},
+        train={"epochs": 2, "batch_size": 6, "logits": "stored", "eval_every": 2},
         data={"loader_workers": 2, "shuffle_buffer": 5, "augment": True},
     )
     assert main(["eval", "kd", str(config)]) == 0
@@ -116,6 +117,8 @@ def test_uneven_shards_lose_no_sample_on_two_workers(
     results = report["results"]
     assert results["samples_seen"] == [20, 20]
     assert [e["samples_seen"] for e in results["history"]] == [20, 20]
+    assert ["test_accuracy" in e for e in results["history"]] == [False, True]
+    assert results["best"]["epoch"] == results["final"]["epoch"] == 2
     assert results["kd_targets"].startswith("teacher run on each augmented view")
 
 
