@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 from common import CIFAR, RESNET56, cpu_name
+from quality_ladder import write_images
 
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.graph import run_job
 from pipeline.io.images import open_image_folder
-from pipeline.io.shards import Sample, write_shard, write_sidecar
 from pipeline.models.accuracy import normalise as normalise_images
 from pipeline.models.teachers import load_teacher
 
@@ -44,30 +44,9 @@ DATA = str(CIFAR / "cifar10-jpeg")
 
 
 def write_source(root: Path, images: torch.Tensor, labels: torch.Tensor, teacher) -> str:
-    """uint8 (N, 3, H, W) images as shards of 256 with the teacher's logits and sidecars."""
-    mean, std = teacher.config.mean, teacher.config.std
-
-    def normalise(images):
-        return normalise_images(images, mean, std)
-
-    with torch.no_grad():
-        logits = torch.cat([teacher.model(normalise(b)) for b in images.split(256)])
-    run = str(root)
-    for index, start in enumerate(range(0, len(labels), 256)):
-        name = f"train-{index:06d}"
-        samples = [
-            Sample(
-                f"{index:06d}-{i:05d}",
-                images[start + i].permute(1, 2, 0).numpy(),
-                int(labels[start + i]),
-                {"source": root.name},
-                logits[start + i].numpy(),
-            )
-            for i in range(min(256, len(labels) - start))
-        ]
-        sha256, _ = write_shard(f"{run}/shards/{name}.tar", samples)
-        write_sidecar(run, name, {"shard": name, "samples": len(samples), "sha256": sha256})
-    return run
+    """uint8 (N, 3, H, W) images as shards with the teacher's logits and sidecars."""
+    write_images(root, images, labels, teacher, root.name)
+    return str(root)
 
 
 def real_source(root: Path, count: int, teacher) -> str:

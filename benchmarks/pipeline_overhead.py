@@ -54,7 +54,7 @@ import seaweed
 
 from pipeline.config import parse_config
 from pipeline.graph import run_job
-from pipeline.io.shards import read_sidecar
+from pipeline.io.shards import Sidecar
 from pipeline.io.storage import join
 from pipeline.stages.plan import make_plan
 from pipeline.stages.synthesis import ShardWorker
@@ -212,8 +212,8 @@ def bench_scaling(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 wall = time.perf_counter() - start
                 ray.shutdown()
             run_url = join(cfg.run.output, cfg.run.name)
-            sidecars = [read_sidecar(run_url, s["name"]) for s in manifest["shards"]]
-            shard_seconds = sum(s["seconds"] for s in sidecars)
+            sidecars = [Sidecar.read(run_url, s["name"]) for s in manifest["shards"]]
+            shard_seconds = sum(s.seconds for s in sidecars)
             runs[name].append(
                 {
                     "job_seconds": wall,

@@ -1,0 +1,380 @@
+"""The quality ladder: what a student learns from each method's images, against real data.
+
+Protocol (benchmarks/README.md): teacher = the shared CIFAR-10 ResNet-56; student =
+ResNet-20 from scratch, distilled with one recipe for every row (``dreamshard eval kd``:
+online teacher on each augmented view, T = 5, SGD with cosine schedule, 2 Ray Train
+workers); top-1 on all 10,000 CIFAR-10 (JPEG) test images. Rows:
+
+* ``real``: N class-balanced training images (the upper bound at equal N);
+* ``noise``: N uniform-noise images labelled by the teacher (the floor);
+* every method, N images each at the same iteration count: deepinversion (CIFAR preset),
+  adi, class-conditional (scenario A: statistics of training images; ``-C``: one image per
+  class), impression (class codes from the metadata stage), natural-inversion, imagine
+  (one real seed image per class, ``metadata.scenario: seeds``).
+
+Per row: KD top-1 per seed (final, and the best evaluated epoch), their mean, the fraction
+of real at equal N, the teacher accept rate (confidence >= 0.5 and argmax = label, filter
+off so every row has N images), agreement of the independent shared ResNet-20 and the
+Fréchet distance / precision / recall in its features (``dreamshard eval fidelity``),
+synthesis CPU-seconds per image and per accepted image. Seed images and real rows come
+from the training set, never the test set.
+
+Resumable: every finished synthesis and every finished KD seed is written to the results
+file at once, and a rerun skips what is there (a row's shards are reused). The order is
+every row's first seed, then every row's second, so an interrupted ladder still has a
+whole column.
+
+    python benchmarks/quality_ladder.py                       # the CPU ladder (hours)
+    python benchmarks/quality_ladder.py --rows real,noise --seeds 1
+    python benchmarks/quality_ladder.py --full --gpu          # 50,000 images, 2,000 iterations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import CIFAR, RESNET20, RESNET56, cpu_name
+
+from evaluation.config import parse_eval_config
+from evaluation.fidelity import fd_name, run_fidelity
+from evaluation.kd import train_student
+from evaluation.loader import load_all
+from evaluation.sources import resolve_shards
+from pipeline.config import TeacherConfig, parse_config
+from pipeline.errors import InputError
+from pipeline.execution.executor import start_local_ray
+from pipeline.graph import run_job
+from pipeline.io.images import contact_sheet, open_image_folder
+from pipeline.io.shards import Sample, ShardStore, Sidecar, shard_name
+from pipeline.models.accuracy import normalise
+from pipeline.models.teachers import load_teacher
+
+TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
+JUDGE = {"arch": "resnet20", "checkpoint": str(RESNET20), "name": "resnet20"}
+TRAIN, TEST = f"{CIFAR}/cifar10-jpeg/train", f"{CIFAR}/cifar10-jpeg/test"
+ROWS = [
+    "real",
+    "noise",
+    "class-conditional",
+    "deepinversion",
+    "adi",
+    "natural-inversion",
+    "impression",
+    "class-conditional-C",
+    "imagine",
+]
+
+
+def method_config(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The run config of a method row (filter off: every row stores N images)."""
+    per_class = args.images // 10
+    synthesizer: dict[str, Any] = {"name": row.removesuffix("-C"), "iterations": args.iterations}
+    metadata: dict[str, Any] | None = None
+    plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
+    if row.startswith("class-conditional"):
+        synthesizer["lr"] = 0.1  # the reduced budget's setting (cpu-class-conditional.md)
+    if row in ("class-conditional", "impression"):
+        metadata = {"source": TRAIN, "max_per_class": args.statistics_per_class}
+    elif row == "class-conditional-C":
+        metadata = {"source": str(seed_folder(work, classes=True)), "scenario": "C"}
+    elif row == "imagine":
+        folder = seed_folder(work, classes=False)
+        metadata = {"source": str(folder), "scenario": "seeds", "variations": per_class}
+        plan.pop("num_images")  # variations x seeds
+    elif row in ("deepinversion", "adi"):
+        synthesizer["preset"] = "cifar"
+    data: dict[str, Any] = {
+        "run": {"name": row, "seed": 0, "output": str(work / "runs")},
+        "teacher": TEACHER,
+        "synthesizer": synthesizer,
+        "plan": plan,
+        "filter": {"enabled": False},
+        "runtime": {"executor": "ray", "progress": False},
+    }
+    if metadata:
+        data["metadata"] = metadata
+    return data
+
+
+def seed_folder(work: Path, classes: bool) -> Path:
+    """One training image per class (the first by name): class folders (scenario C) or a
+    flat folder (scenario seeds)."""
+    root = work / ("seeds-C" if classes else "seeds")
+    if root.exists():
+        return root
+    folder = open_image_folder(TRAIN).subset(1)
+    for path, label in folder.files:
+        name = folder.classes[label]
+        target, file = (root / name, "seed.jpg") if classes else (root, f"{name}.jpg")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / file).write_bytes(folder.read(path))
+    return root
+
+
+def write_images(run: Path, images: torch.Tensor, labels: torch.Tensor, teacher, row: str) -> None:
+    """uint8 (N, 3, H, W) images as shards with the teacher's logits (a real/noise row)."""
+    mean, std = teacher.config.mean, teacher.config.std
+    with torch.no_grad():
+        logits = torch.cat([teacher.model(normalise(b, mean, std)) for b in images.split(256)])
+    confidence = logits.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
+    store = ShardStore(str(run))
+    for index, start in enumerate(range(0, len(labels), 260)):
+        samples = [
+            Sample(
+                f"{index:06d}-{i - start:05d}",
+                images[i].permute(1, 2, 0).numpy(),
+                int(labels[i]),
+                {"source": row, "confidence": float(confidence[i]), "seed": i},
+                logits[i].numpy().astype(np.float16),
+            )
+            for i in range(start, min(start + 260, len(labels)))
+        ]
+        store.write(shard_name("train", index), samples, "seed")
+    (run / "done.json").write_text(json.dumps({"images": len(labels)}) + "\n")
+
+
+def make_source(row: str, args: argparse.Namespace, work: Path, teacher) -> dict[str, Any]:
+    """Write the row's shards (skipped when they are there) and return its synthesis facts."""
+    run = work / "runs" / row
+    if row in ("real", "noise"):
+        if not (run / "done.json").exists():
+            if row == "real":
+                images, labels = open_image_folder(TRAIN).subset(args.images // 10).load(32)
+            else:
+                generator = torch.Generator().manual_seed(0)
+                size = (args.images, 3, 32, 32)
+                images = torch.randint(0, 256, size, generator=generator, dtype=torch.uint8)
+                with torch.no_grad():
+                    x = normalise(images, teacher.config.mean, teacher.config.std)
+                    labels = teacher.model(x).argmax(1)
+            write_images(run, images, labels, teacher, row)
+        return {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
+    started = time.perf_counter()
+    run_job(parse_config(method_config(row, args, work)))
+    wall = time.perf_counter() - started
+    sidecars = [Sidecar.load(str(p)) for p in sorted((run / "shards").glob("*.json"))]
+    return {
+        "run": str(run),
+        "synthesis_cpu_seconds": round(sum(s.synthesis_seconds or 0 for s in sidecars), 1),
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Path) -> dict:
+    return {
+        "run": {"name": name, "output": str(out), "seed": seed},
+        "data": {"shards": f"{run}/shards", "test": TEST, "loader_workers": 0},
+        "teacher": TEACHER,
+        "student": {"arch": "resnet20"},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.kd_batch,
+            "eval_every": args.eval_every,
+        },
+        "fidelity": {"networks": [JUDGE], "max_images": args.images, "tsne": False},
+        "runtime": {"num_workers": args.workers, "use_gpu": args.gpu},
+    }
+
+
+def measure(row: str, facts: dict[str, Any], args: argparse.Namespace, work: Path) -> dict:
+    """Accept rate, judge agreement, FD / precision / recall and a contact sheet."""
+    run = facts["run"]
+    config = parse_eval_config(eval_data(run, args, f"{row}-fidelity", 0, work / "eval"))
+    fidelity = run_fidelity(config)
+    judge = fidelity["networks"][0]
+    sidecars = [Sidecar.load(str(p)) for p in sorted(Path(run, "shards").glob("*.json"))]
+    confidences = [entry[2] for s in sidecars for entry in s.index]
+    images = sum(s.samples for s in sidecars)
+    accepted = sum(c >= 0.5 for c in confidences)  # stored confidence is the label's
+    cpu = facts["synthesis_cpu_seconds"]
+    images_u8, labels = load_all(resolve_shards(f"{run}/shards"))
+    rows = [
+        [image.permute(1, 2, 0).numpy() for image in images_u8[labels == c][:8]] for c in range(10)
+    ]
+    sheet = Path(args.results).with_name(f"{Path(args.results).stem}-{row}.png")
+    sheet.write_bytes(contact_sheet(rows, 32, 8))
+    return {
+        "source": row,
+        "images": images,
+        "accept_rate": round(accepted / images, 4),
+        "judge_agreement": judge["accuracy_synthetic"],
+        fd_name("resnet20"): round(judge[fd_name("resnet20")], 2),
+        "precision": judge["precision"],
+        "recall": judge["recall"],
+        "synthesis_cpu_seconds_per_image": round(cpu / images, 3) if cpu else None,
+        "synthesis_cpu_seconds_per_accepted": round(cpu / accepted, 3)
+        if cpu and accepted
+        else None,
+        "synthesis_wall_seconds": facts["wall_seconds"],
+        "contact_sheet": sheet.name,
+        "kd_top1": [],
+        "kd_top1_best": [],
+        "kd_seconds": [],
+    }
+
+
+def distil(row: str, run: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
+    config = parse_eval_config(eval_data(run, args, f"{row}-s{seed}", seed, work / "eval"))
+    started = time.perf_counter()
+    results = train_student(config, "kd")
+    return {
+        "final": results["final"]["test_accuracy"],
+        "best": [results["best"]["epoch"], results["best"]["test_accuracy"]],
+        "teacher": results["teacher_accuracy"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def summarise(record: dict[str, Any]) -> None:
+    """Means and fractions of real (from the seeds done so far)."""
+    rows = record["rows"]
+    for row in rows.values():
+        row["kd_top1_mean"] = round(float(np.mean(row["kd_top1"])), 4) if row["kd_top1"] else None
+    real = rows.get("real", {}).get("kd_top1_mean")
+    for row in rows.values():
+        mean = row["kd_top1_mean"]
+        row["fraction_of_real"] = round(mean / real, 3) if mean is not None and real else None
+
+
+def table(record: dict[str, Any]) -> str:
+    protocol = record["protocol"]
+    lines = [
+        "# Quality ladder",
+        "",
+        f"Device: {protocol['device']}; torch {protocol['torch']}. Teacher {protocol['teacher']}"
+        f" (test top-1 {protocol.get('teacher_top1', '?')}), student {protocol['student']}, "
+        f"KD {protocol['epochs']} epochs, batch {protocol['batch_size']}, "
+        f"{protocol['test_images']} test images; {protocol['iterations']} synthesis iterations; "
+        f"judge: {protocol['judge']}. Command: `{protocol['command']}`.",
+        "",
+        "| source | images | KD top-1 (final, per seed) | mean | fraction of real "
+        "| best epoch top-1 | accept rate | judge agreement | FD (ResNet-20) | precision "
+        "| recall | CPU-s / image | CPU-s / accepted |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}%"
+
+    for row in record["rows"].values():
+        seeds = ", ".join(pct(v) for v in row["kd_top1"]) or "–"
+        best = ", ".join(f"{pct(b[1])} (ep {b[0]})" for b in row["kd_top1_best"]) or "–"
+        fraction = row.get("fraction_of_real")
+        lines.append(
+            f"| {row['source']} | {row['images']} | {seeds} | {pct(row.get('kd_top1_mean'))} "
+            f"| {'–' if fraction is None else f'{fraction:.2f}'} | {best} "
+            f"| {pct(row['accept_rate'])} | {pct(row['judge_agreement'])} "
+            f"| {row[fd_name('resnet20')]} | {row['precision']:.3f} | {row['recall']:.3f} "
+            f"| {row['synthesis_cpu_seconds_per_image'] or '–'} "
+            f"| {row['synthesis_cpu_seconds_per_accepted'] or '–'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save(record: dict[str, Any], args: argparse.Namespace) -> None:
+    summarise(record)
+    path = Path(args.results)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table(record))
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
+    parser.add_argument("--images", type=int, default=1040, help="N per row (10 classes)")
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=130, help="synthesis batch")
+    parser.add_argument("--statistics-per-class", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--kd-batch", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--gpu", action="store_true", help="GPUs for synthesis and KD")
+    parser.add_argument("--full", action="store_true", help="paper scale: 50,000 images, ...")
+    parser.add_argument("--work", default="outputs/quality-ladder")
+    parser.add_argument("--results", default="benchmarks/results/quality-ladder.json")
+    args = parser.parse_args()
+    if args.full:  # the papers' scale: a GPU cluster's job
+        args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
+        args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
+    if args.images % 10:
+        parser.error("--images must be a multiple of 10 (class-balanced rows)")
+    return args
+
+
+def main() -> None:
+    args = arguments()
+    import ray
+
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    record: dict[str, Any] = (
+        json.loads(results.read_text()) if results.exists() else {"protocol": {}, "rows": {}}
+    )
+    record["protocol"] = {
+        "teacher": "resnet56 (shared CIFAR-10 checkpoint)",
+        "student": "resnet20 (from scratch)",
+        "judge": "resnet20 (shared CIFAR-10 checkpoint, never trained by this project)",
+        "epochs": args.epochs,
+        "batch_size": args.kd_batch,
+        "eval_every": args.eval_every,
+        "test_images": 10000,
+        "images": args.images,
+        "iterations": args.iterations,
+        "statistics_per_class": args.statistics_per_class,
+        "device": f"{os.cpu_count()} CPU cores ({cpu_name()})"
+        if not args.gpu
+        else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "command": "python benchmarks/quality_ladder.py" + (" --full" if args.full else ""),
+    }
+    temp = tempfile.mkdtemp(prefix="ladder-ray-", dir="/tmp")
+    start_local_ray(ray, _temp_dir=temp, num_cpus=os.cpu_count())
+    teacher = load_teacher(TeacherConfig(**TEACHER))
+    rows = args.rows.split(",")
+    try:
+        for seed in range(args.seeds):
+            for row in rows:
+                entry = record["rows"].get(row)
+                if entry is None or entry["images"] != args.images:
+                    facts = make_source(row, args, work, teacher)
+                    entry = record["rows"][row] = measure(row, facts, args, work)
+                    save(record, args)
+                    print(json.dumps({k: v for k, v in entry.items() if "kd" not in k}), flush=True)
+                if len(entry["kd_top1"]) > seed:
+                    continue
+                run = str(work / "runs" / row)
+                result = distil(row, run, seed, args, work)
+                entry["kd_top1"].append(result["final"])
+                entry["kd_top1_best"].append(result["best"])
+                entry["kd_seconds"].append(result["seconds"])
+                record["protocol"]["teacher_top1"] = result["teacher"]
+                save(record, args)
+                print(json.dumps({"row": row, "seed": seed, **result}), flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    print(table(record))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:  # e.g. a row's shards incomplete: named, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

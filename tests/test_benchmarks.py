@@ -1,0 +1,34 @@
+"""Every benchmark script imports against the current code (a moved helper breaks one
+silently: benchmarks run by hand, hours apart), and the ladder refuses bad rows."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_imports(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module(name)
+    assert module.__doc__, f"benchmarks/{name}.py has no docstring saying what it measures"
+
+
+def test_ladder_names_an_unknown_row() -> None:
+    script = BENCHMARKS / "quality_ladder.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--rows", "real,dreaminversion"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "unknown rows ['dreaminversion']" in done.stderr
+    assert "class-conditional-C" in done.stderr  # the valid ones are listed
