@@ -75,10 +75,30 @@ ROWS = [
 ]
 
 
+def split_row(row: str, iterations: int) -> tuple[str, int]:
+    """``method@iterations`` (a point of a time-to-quality curve) or ``method``."""
+    method, _, budget = row.partition("@")
+    return method, int(budget) if budget else iterations
+
+
+def valid_row(row: str) -> bool:
+    method, _, budget = row.partition("@")
+    if not budget:
+        return method in ROWS and "@" not in row
+    return method in ROWS[2:] and budget.isdigit() and int(budget) > 0
+
+
+def run_folder(row: str, work: Path) -> Path:
+    """Where a row's shards go (``method-i100`` for ``method@100``)."""
+    return work / "runs" / row.replace("@", "-i")
+
+
 def method_config(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The run config of a method row (filter off: every row stores N images)."""
     per_class = args.images // 10
-    synthesizer: dict[str, Any] = {"name": row.removesuffix("-C"), "iterations": args.iterations}
+    name = row
+    row, iterations = split_row(row, args.iterations)
+    synthesizer: dict[str, Any] = {"name": row.removesuffix("-C"), "iterations": iterations}
     metadata: dict[str, Any] | None = None
     plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
     if row.startswith("class-conditional"):
@@ -94,7 +114,7 @@ def method_config(row: str, args: argparse.Namespace, work: Path) -> dict[str, A
     elif row in ("deepinversion", "adi"):
         synthesizer["preset"] = "cifar"
     data: dict[str, Any] = {
-        "run": {"name": row, "seed": 0, "output": str(work / "runs")},
+        "run": {"name": run_folder(name, work).name, "seed": 0, "output": str(work / "runs")},
         "teacher": TEACHER,
         "synthesizer": synthesizer,
         "plan": plan,
@@ -145,7 +165,7 @@ def write_images(run: Path, images: torch.Tensor, labels: torch.Tensor, teacher,
 
 def make_source(row: str, args: argparse.Namespace, work: Path, teacher) -> dict[str, Any]:
     """Write the row's shards (skipped when they are there) and return its synthesis facts."""
-    run = work / "runs" / row
+    run = run_folder(row, work)
     if row in ("real", "noise"):
         if not (run / "done.json").exists():
             if row == "real":
@@ -189,7 +209,7 @@ def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Pat
 def measure(row: str, facts: dict[str, Any], args: argparse.Namespace, work: Path) -> dict:
     """Accept rate, judge agreement, FD / precision / recall and a contact sheet."""
     run = facts["run"]
-    config = parse_eval_config(eval_data(run, args, f"{row}-fidelity", 0, work / "eval"))
+    config = parse_eval_config(eval_data(run, args, f"{Path(run).name}-fidelity", 0, work / "eval"))
     fidelity = run_fidelity(config)
     judge = fidelity["networks"][0]
     sidecars = [Sidecar.load(str(p)) for p in sorted(Path(run, "shards").glob("*.json"))]
@@ -201,7 +221,7 @@ def measure(row: str, facts: dict[str, Any], args: argparse.Namespace, work: Pat
     rows = [
         [image.permute(1, 2, 0).numpy() for image in images_u8[labels == c][:8]] for c in range(10)
     ]
-    sheet = Path(args.results).with_name(f"{Path(args.results).stem}-{row}.png")
+    sheet = Path(args.results).with_name(f"{Path(args.results).stem}-{Path(run).name}.png")
     sheet.write_bytes(contact_sheet(rows, 32, 8))
     return {
         "source": row,
@@ -224,7 +244,9 @@ def measure(row: str, facts: dict[str, Any], args: argparse.Namespace, work: Pat
 
 
 def distil(row: str, run: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
-    config = parse_eval_config(eval_data(run, args, f"{row}-s{seed}", seed, work / "eval"))
+    config = parse_eval_config(
+        eval_data(run, args, f"{Path(run).name}-s{seed}", seed, work / "eval")
+    )
     started = time.perf_counter()
     results = train_student(config, "kd")
     return {
@@ -290,7 +312,11 @@ def save(record: dict[str, Any], args: argparse.Namespace) -> None:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help="comma-separated rows; METHOD@ITERATIONS is a time-to-quality point",
+    )
     parser.add_argument("--images", type=int, default=1040, help="N per row (10 classes)")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch", type=int, default=130, help="synthesis batch")
@@ -308,7 +334,8 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
-    unknown = set(args.rows.split(",")) - set(ROWS)
+    rows = args.rows.split(",")
+    unknown = {r for r in rows if not valid_row(r)}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
     if args.images % 10:
@@ -358,7 +385,7 @@ def main() -> None:
                     print(json.dumps({k: v for k, v in entry.items() if "kd" not in k}), flush=True)
                 if len(entry["kd_top1"]) > seed:
                     continue
-                run = str(work / "runs" / row)
+                run = str(run_folder(row, work))
                 result = distil(row, run, seed, args, work)
                 entry["kd_top1"].append(result["final"])
                 entry["kd_top1_best"].append(result["best"])

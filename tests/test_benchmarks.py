@@ -32,3 +32,16 @@ def test_ladder_names_an_unknown_row() -> None:
     assert done.returncode == 2
     assert "unknown rows ['dreaminversion']" in done.stderr
     assert "class-conditional-C" in done.stderr  # the valid ones are listed
+
+
+@pytest.mark.parametrize("row", ["real@100", "class-conditional@", "imagine@x", "adi@0"])
+def test_ladder_refuses_a_curve_point_it_cannot_run(row: str) -> None:
+    script = BENCHMARKS / "quality_ladder.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--rows", f"class-conditional@100,{row}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"unknown rows ['{row}']" in done.stderr  # the valid point is not named
