@@ -67,16 +67,27 @@ class RayHead:
         return "\n".join(out.read_text(errors="replace").splitlines()[-lines:])
 
 
-def head_command(temp_dir: Path, ports: dict[str, int], workers: tuple[int, int]) -> list[str]:
+def head_command(
+    temp_dir: Path, ports: dict[str, int], workers: tuple[int, int], *options: str
+) -> list[str]:
+    """``ray start --head``; ``options`` (e.g. ``--num-cpus=1``) come last and win."""
     return [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
+        *node_command(temp_dir, ports, workers),
         "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         "--num-cpus=2",
         "--num-gpus=0",
+        *options,
+    ]
+
+
+def node_command(temp_dir: Path, ports: dict[str, int], workers: tuple[int, int]) -> list[str]:
+    """What every node of these tests starts with: loopback, free ports, own temp dir."""
+    return [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
         "--object-store-memory=200000000",
         f"--temp-dir={temp_dir}",
         f"--min-worker-port={workers[0]}",
@@ -155,17 +166,13 @@ def stop_head(head: RayHead) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def ray_head(env: dict[str, str]) -> Iterator[RayHead]:
-    """Start a head with ``env`` added to its environment; always stop it."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh-"))  # short: Ray's socket paths must be short
-    rng = random.Random()
-    ports = dict(zip(PORTS, free_ports(len(PORTS), rng), strict=True))
-    first = rng.randrange(PORT_RANGE[1] + 300, 32768 - 300)  # below the ephemeral range
-    workers = (first, first + 200)
-    with open(temp_dir / "head.out", "wb") as out:
-        process = subprocess.Popen(
-            head_command(temp_dir, ports, workers),
+def start_node(
+    command: list[str], temp_dir: Path, env: dict[str, str], log: str = "head.out"
+) -> subprocess.Popen:
+    """A ``ray start --block`` child in its own session, its output in ``temp_dir/log``."""
+    with open(temp_dir / log, "wb") as out:
+        return subprocess.Popen(
+            command,
             env=head_env(env),
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -173,6 +180,30 @@ def ray_head(env: dict[str, str]) -> Iterator[RayHead]:
             cwd=temp_dir,
             start_new_session=True,
         )
+
+
+def node_ports(names: tuple[str, ...]) -> tuple[dict[str, int], tuple[int, int]]:
+    """Free loopback ports for ``names`` and a free range for the node's workers."""
+    rng = random.Random()
+    ports = dict(zip(names, free_ports(len(names), rng), strict=True))
+    first = rng.randrange(PORT_RANGE[1] + 300, 32768 - 300)  # below the ephemeral range
+    return ports, (first, first + 200)
+
+
+@contextlib.contextmanager
+def ray_head(
+    env: dict[str, str],
+    options: tuple[str, ...] = (),
+    temp_dir: Path | None = None,
+    ports: tuple[dict[str, int], tuple[int, int]] | None = None,
+) -> Iterator[RayHead]:
+    """Start a head with ``env`` added to its environment and ``options`` added to its
+    ``ray start`` (in ``temp_dir``, on ``ports`` from :func:`node_ports` when given);
+    always stop it (and every process under its temp dir)."""
+    # short: Ray's socket paths must be short
+    temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="rh-"))
+    ports, workers = ports or node_ports(PORTS)
+    process = start_node(head_command(temp_dir, ports, workers, *options), temp_dir, env)
     head = RayHead(process, temp_dir, ports)
     try:
         wait_ready(head, time.monotonic() + START_SECONDS)
