@@ -10,6 +10,7 @@ own: ``env`` passes storage credentials to it the way a Kubernetes Secret would.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -210,4 +211,57 @@ def ray_head(
         yield head
     finally:
         stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ``ray start --address`` refuses to join a cluster while Ray keeps to loopback
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), and with the switch off it dials the machine's
+# address. A second node is therefore started as ``ray start`` itself (and Ray's own
+# ``cluster_utils.Cluster.add_node``) starts one: a ``Node(head=False)``, here in a child
+# process that ends it on SIGTERM.
+WORKER_NODE = """
+import json, signal, sys
+import ray._private.node
+from ray._private.parameter import RayParams
+params = RayParams(**json.loads(sys.argv[1]))
+node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+print("node", node.node_id, "started", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.pause()
+"""
+WORKER_PORTS = {
+    "node_manager_port": "node-manager-port",
+    "object_manager_port": "object-manager-port",
+    "metrics_export_port": "metrics-export-port",
+    "dashboard_agent_listen_port": "dashboard-agent-listen-port",
+    "metrics_agent_port": "dashboard-agent-grpc-port",
+    "runtime_env_agent_port": "runtime-env-agent-port",
+}
+
+
+@contextlib.contextmanager
+def ray_worker_node(
+    head: RayHead, env: dict[str, str], **resources: float
+) -> Iterator[subprocess.Popen]:
+    """A second node of ``head``'s cluster on this machine (its own temp dir and free
+    loopback ports), with ``resources`` (``num_cpus``, ``num_gpus``); always stopped."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rn-"))
+    ports, workers = node_ports(tuple(WORKER_PORTS))
+    params = {
+        "gcs_address": f"127.0.0.1:{head.ports['port']}",
+        "node_ip_address": "127.0.0.1",
+        "temp_dir": str(temp_dir),
+        "min_worker_port": workers[0],
+        "max_worker_port": workers[1],
+        "object_store_memory": 200_000_000,
+        **ports,
+        **resources,
+    }
+    command = [sys.executable, "-c", WORKER_NODE, json.dumps(params)]
+    process = start_node(command, temp_dir, env, "node.out")
+    node = RayHead(process, temp_dir, {})
+    try:
+        yield process
+    finally:
+        stop_head(node)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -3,7 +3,8 @@
 - an autoscaling cluster (Ray's fake multi-node provider: each node it "launches" is a
   real raylet on this machine) from a head with no workers: ``runtime.max_workers: 2``
   makes the autoscaler start two nodes, and an actor on each writes shards;
-- two real nodes (``ray start --head`` and ``ray start --address``): a submitted run
+- two real nodes (``ray start --head``, and a second node started as ``ray start
+  --address`` starts one, see ``ray_head.ray_worker_node``): a submitted run
   spreads over both and completes on the head when the second node's raylet is killed
   mid-run; a GPU actor on a node with no CUDA stops the run naming that node.
 
@@ -31,12 +32,10 @@ from ray_head import (
     PORTS,
     RayHead,
     head_env,
-    node_command,
     node_ports,
     own_processes,
     ray_head,
-    start_node,
-    stop_head,
+    ray_worker_node,
 )
 from tests_support import config_dict
 
@@ -46,15 +45,8 @@ pytestmark = pytest.mark.slow
 
 HEAD_ID = "a" * 56  # Ray node ids (RAY_OVERRIDE_NODE_ID_FOR_TESTING): known in advance
 SECOND_ID = "b" * 56
+SHARDS = 12  # of the two-node run: enough that the second node's actor writes a few
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
-WORKER_PORTS = (
-    "node-manager-port",
-    "object-manager-port",
-    "metrics-export-port",
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "runtime-env-agent-port",
-)
 
 
 def gcs_address(head: RayHead) -> str:
@@ -195,21 +187,10 @@ def two_nodes() -> Iterator[tuple[RayHead, Path]]:
     GPU in Ray's books (this machine has no CUDA); yields the head and the second node's
     temp dir."""
     with ray_head({"RAY_OVERRIDE_NODE_ID_FOR_TESTING": HEAD_ID}, ("--num-cpus=1",)) as head:
-        temp_dir = Path(tempfile.mkdtemp(prefix="rn-"))
-        ports, workers = node_ports(WORKER_PORTS)
-        command = [
-            *node_command(temp_dir, ports, workers),
-            f"--address={gcs_address(head)}",
-            "--num-cpus=1",
-            "--num-gpus=1",
-        ]
         env = {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": SECOND_ID}
-        second = start_node(command, temp_dir, env, "node.out")
-        try:
+        with ray_worker_node(head, env, num_cpus=1, num_gpus=1) as second:
             wait_for_nodes(head, 2)
-            yield head, temp_dir
-        finally:
-            stop_head(RayHead(second, temp_dir, ports))
+            yield head, Path(json.loads(second.args[-1])["temp_dir"])
 
 
 def wait_for_nodes(head: RayHead, count: int, seconds: float = 90.0) -> None:
@@ -260,17 +241,19 @@ def test_a_submitted_run_spreads_over_both_nodes_and_survives_losing_one(
         tmp_path,
         teacher_checkpoint,
         run={"name": "spread"},
-        synthesizer={"iterations": 8},
-        plan={"num_images": 128},  # 8 shards of 16
+        synthesizer={"iterations": 16},  # shards slow enough to outlast the second node
+        plan={"num_images": 16 * SHARDS},
         runtime={"executor": "ray", "device": "cpu", "max_workers": 2},
     )
     started = time.monotonic()
     submit = cli(["submit", str(config), "--address", head.address, "--wait"], {})
     run = tmp_path / "out" / "spread"
     killed_after = None
+    seen: dict[str, float] = {}  # shard -> seconds after submission when it appeared
     deadline = time.monotonic() + 240
     while submit.poll() is None and time.monotonic() < deadline:
         written = sidecars(run) if (run / "shards").exists() else {}
+        seen.update({n: round(time.monotonic() - started, 1) for n in written if n not in seen})
         on_second = [n for n, s in written.items() if s["node"].get("ray_node_id") == SECOND_ID]
         if on_second and killed_after is None:
             os.kill(raylet_of(second), signal.SIGKILL)  # the second node is gone mid-run
@@ -279,12 +262,12 @@ def test_a_submitted_run_spreads_over_both_nodes_and_survives_losing_one(
     out, _ = submit.communicate(timeout=max(1.0, deadline - time.monotonic()))
     seconds = time.monotonic() - started
     assert submit.returncode == 0, out
-    assert killed_after is not None and killed_after < 8, out  # killed before the end
-    assert_every_shard_once(run, planned=8, images=128)
+    assert killed_after is not None and killed_after < SHARDS, (seen, out)  # mid-run
+    assert_every_shard_once(run, planned=SHARDS, images=16 * SHARDS)
     nodes = [s["node"]["ray_node_id"] for s in sidecars(run).values()]
     assert set(nodes) == {HEAD_ID, SECOND_ID}
-    assert nodes.count(HEAD_ID) >= 8 - killed_after  # the rest were made on the head
+    assert nodes.count(HEAD_ID) >= SHARDS - killed_after  # the rest were made on the head
     print(
         f"two nodes: {nodes.count(SECOND_ID)} shards on the second node, its raylet killed "
-        f"after {killed_after} shards, 8 shards in {seconds:.1f} s"
+        f"after {killed_after} shards, {SHARDS} shards in {seconds:.1f} s; appeared at {seen}"
     )
