@@ -229,7 +229,9 @@ class ActorPool:
         options, count = actor_resources(resources, self.runtime, device)
         count = max(1, min(count, tasks, self.max_workers or count))
         threads = max(1, int(options["num_cpus"]))
-        remote = ray.remote(Host).options(max_restarts=0, **options)
+        # named after the stage's worker: Ray titles processes and lists actors by it
+        host = type(self.worker.__name__, (Host,), {"__module__": __name__})
+        remote = ray.remote(host).options(max_restarts=0, **options)
         shared = [ray.put(arg) for arg in self.args]  # stored once, fetched by each actor
         torch_device = "cuda" if device == "gpu" else "cpu"
 
