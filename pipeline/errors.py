@@ -8,3 +8,8 @@ class InputError(ValueError):
 
 class RunError(RuntimeError):
     """A failure during the run whose message names what failed and what to do (exit 1)."""
+
+
+class DeviceUnavailable(RunError):
+    """A worker was given a device its node does not have (a GPU without CUDA): the run
+    stops, naming the node, instead of computing on the CPU."""

@@ -10,6 +10,7 @@ own: ``env`` passes storage credentials to it the way a Kubernetes Secret would.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -67,16 +68,27 @@ class RayHead:
         return "\n".join(out.read_text(errors="replace").splitlines()[-lines:])
 
 
-def head_command(temp_dir: Path, ports: dict[str, int], workers: tuple[int, int]) -> list[str]:
+def head_command(
+    temp_dir: Path, ports: dict[str, int], workers: tuple[int, int], *options: str
+) -> list[str]:
+    """``ray start --head``; ``options`` (e.g. ``--num-cpus=1``) come last and win."""
     return [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
+        *node_command(temp_dir, ports, workers),
         "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         "--num-cpus=2",
         "--num-gpus=0",
+        *options,
+    ]
+
+
+def node_command(temp_dir: Path, ports: dict[str, int], workers: tuple[int, int]) -> list[str]:
+    """What every node of these tests starts with: loopback, free ports, own temp dir."""
+    return [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
         "--object-store-memory=200000000",
         f"--temp-dir={temp_dir}",
         f"--min-worker-port={workers[0]}",
@@ -155,17 +167,13 @@ def stop_head(head: RayHead) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def ray_head(env: dict[str, str]) -> Iterator[RayHead]:
-    """Start a head with ``env`` added to its environment; always stop it."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh-"))  # short: Ray's socket paths must be short
-    rng = random.Random()
-    ports = dict(zip(PORTS, free_ports(len(PORTS), rng), strict=True))
-    first = rng.randrange(PORT_RANGE[1] + 300, 32768 - 300)  # below the ephemeral range
-    workers = (first, first + 200)
-    with open(temp_dir / "head.out", "wb") as out:
-        process = subprocess.Popen(
-            head_command(temp_dir, ports, workers),
+def start_node(
+    command: list[str], temp_dir: Path, env: dict[str, str], log: str = "head.out"
+) -> subprocess.Popen:
+    """A ``ray start --block`` child in its own session, its output in ``temp_dir/log``."""
+    with open(temp_dir / log, "wb") as out:
+        return subprocess.Popen(
+            command,
             env=head_env(env),
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -173,10 +181,87 @@ def ray_head(env: dict[str, str]) -> Iterator[RayHead]:
             cwd=temp_dir,
             start_new_session=True,
         )
+
+
+def node_ports(names: tuple[str, ...]) -> tuple[dict[str, int], tuple[int, int]]:
+    """Free loopback ports for ``names`` and a free range for the node's workers."""
+    rng = random.Random()
+    ports = dict(zip(names, free_ports(len(names), rng), strict=True))
+    first = rng.randrange(PORT_RANGE[1] + 300, 32768 - 300)  # below the ephemeral range
+    return ports, (first, first + 200)
+
+
+@contextlib.contextmanager
+def ray_head(
+    env: dict[str, str],
+    options: tuple[str, ...] = (),
+    temp_dir: Path | None = None,
+    ports: tuple[dict[str, int], tuple[int, int]] | None = None,
+) -> Iterator[RayHead]:
+    """Start a head with ``env`` added to its environment and ``options`` added to its
+    ``ray start`` (in ``temp_dir``, on ``ports`` from :func:`node_ports` when given);
+    always stop it (and every process under its temp dir)."""
+    # short: Ray's socket paths must be short
+    temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="rh-"))
+    ports, workers = ports or node_ports(PORTS)
+    process = start_node(head_command(temp_dir, ports, workers, *options), temp_dir, env)
     head = RayHead(process, temp_dir, ports)
     try:
         wait_ready(head, time.monotonic() + START_SECONDS)
         yield head
     finally:
         stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ``ray start --address`` refuses to join a cluster while Ray keeps to loopback
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), and with the switch off it dials the machine's
+# address. A second node is therefore started as ``ray start`` itself (and Ray's own
+# ``cluster_utils.Cluster.add_node``) starts one: a ``Node(head=False)``, here in a child
+# process that ends it on SIGTERM.
+WORKER_NODE = """
+import json, signal, sys
+import ray._private.node
+from ray._private.parameter import RayParams
+params = RayParams(**json.loads(sys.argv[1]))
+node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+print("node", node.node_id, "started", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.pause()
+"""
+WORKER_PORTS = {
+    "node_manager_port": "node-manager-port",
+    "object_manager_port": "object-manager-port",
+    "metrics_export_port": "metrics-export-port",
+    "dashboard_agent_listen_port": "dashboard-agent-listen-port",
+    "metrics_agent_port": "dashboard-agent-grpc-port",
+    "runtime_env_agent_port": "runtime-env-agent-port",
+}
+
+
+@contextlib.contextmanager
+def ray_worker_node(
+    head: RayHead, env: dict[str, str], **resources: float
+) -> Iterator[subprocess.Popen]:
+    """A second node of ``head``'s cluster on this machine (its own temp dir and free
+    loopback ports), with ``resources`` (``num_cpus``, ``num_gpus``); always stopped."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rn-"))
+    ports, workers = node_ports(tuple(WORKER_PORTS))
+    params = {
+        "gcs_address": f"127.0.0.1:{head.ports['port']}",
+        "node_ip_address": "127.0.0.1",
+        "temp_dir": str(temp_dir),
+        "min_worker_port": workers[0],
+        "max_worker_port": workers[1],
+        "object_store_memory": 200_000_000,
+        **ports,
+        **resources,
+    }
+    command = [sys.executable, "-c", WORKER_NODE, json.dumps(params)]
+    process = start_node(command, temp_dir, env, "node.out")
+    node = RayHead(process, temp_dir, {})
+    try:
+        yield process
+    finally:
+        stop_head(node)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +178,12 @@ def test_ray_actors_write_shards_that_ray_data_reads(
     manifest = run_job(config)
     assert manifest["totals"]["images"] == 32
     run = tmp_path / "out" / "test"
-    devices = {json.loads(p.read_text())["device"] for p in (run / "shards").glob("*.json")}
-    assert all(d.startswith("cpu") for d in devices)
+    sidecars = [json.loads(p.read_text()) for p in (run / "shards").glob("*.json")]
+    assert all(sidecar["device"].startswith("cpu") for sidecar in sidecars)
+    # each sidecar names the node that wrote it: this machine, this Ray node
+    node_id = ray_cluster.get_runtime_context().get_node_id()
+    assert {sidecar["node"]["ray_node_id"] for sidecar in sidecars} == {node_id}
+    assert {sidecar["node"]["hostname"] for sidecar in sidecars} == {socket.gethostname()}
     dataset = ray_cluster.data.read_webdataset(str(run / "shards"), file_extensions=["tar"])
     rows = dataset.take_all()
     assert len(rows) == 32
@@ -231,11 +236,41 @@ def test_ray_retries_a_failing_shard_then_fails_clearly_and_resumes(
         ({"CPU": 2.0}, {}, {"num_cpus": 1.0, "num_gpus": 0}, 2),
         ({"CPU": 8.0}, {"cpus_per_worker": 4.0}, {"num_cpus": 4.0, "num_gpus": 0}, 2),
         ({"CPU": 8.0, "GPU": 2.0}, {"num_workers": 1}, {"num_gpus": 1.0, "num_cpus": 1.0}, 1),
+        # max_workers: asked for up front, whatever is up now (the autoscaler adds nodes)
+        ({"CPU": 1.0}, {"max_workers": 8}, {"num_cpus": 1.0, "num_gpus": 0}, 8),
+        ({"CPU": 1.0}, {"device": "gpu", "max_workers": 8}, {"num_gpus": 1.0, "num_cpus": 1.0}, 8),
+        # a GPU cluster scaled to zero: device gpu keeps GPU actors (one, until it scales)
+        ({"CPU": 4.0}, {"device": "gpu"}, {"num_gpus": 1.0, "num_cpus": 1.0}, 1),
+        ({"CPU": 8.0, "GPU": 2.0}, {"device": "cpu"}, {"num_cpus": 1.0, "num_gpus": 0}, 8),
+        (
+            {"CPU": 8.0, "board": 3.0},
+            {"resources_per_worker": {"board": 1.0}},
+            {"num_cpus": 1.0, "num_gpus": 0, "resources": {"board": 1.0}},
+            3,
+        ),
     ],
 )
 def test_actors_use_gpus_only_when_the_cluster_has_them(
     make_config, resources: dict, runtime: dict, options: dict, count: int
 ) -> None:
-    from pipeline.execution.executor import actor_resources
+    from pipeline.execution.placement import actor_resources, resolve_device
 
-    assert actor_resources(resources, make_config(runtime=runtime).runtime) == (options, count)
+    runtime = make_config(runtime=runtime).runtime
+    device = resolve_device(resources, runtime)
+    assert actor_resources(resources, runtime, device) == (options, count)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        ({"device": "tpu"}, "device must be auto, gpu or cpu"),
+        ({"max_workers": 0}, "max_workers must be positive"),
+        ({"max_workers": 2, "num_workers": 3}, "not both"),
+        ({"resources_per_worker": {"board": 0}}, "resources_per_worker"),
+    ],
+)
+def test_bad_runtime_placement_is_refused(make_config, runtime: dict, message: str) -> None:
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        make_config(runtime=runtime)

@@ -134,9 +134,12 @@ class MetadataConfig:
 class RuntimeConfig:
     executor: str = "ray"  # ray | inline (in this process, no Ray: debugging, one GPU)
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray on this machine
-    num_workers: int | None = None  # None: one per GPU, else one per cpus_per_worker CPUs
+    device: str = "auto"  # gpu | cpu | auto: gpu when GPUs are up or the autoscaler has GPU nodes
+    max_workers: int | None = None  # actors asked for up front; None: as many as fit what is up
+    num_workers: int | None = None  # the older name of max_workers (give one)
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     max_retries: int = 2  # extra tries for a failed shard
     progress: bool = True
     io_retries: int = 7  # extra tries of a storage write on a transient error (jittered)
@@ -148,8 +151,21 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.executor not in ("ray", "inline"):
             raise ValueError(f"executor must be ray or inline, got {self.executor!r}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ValueError(f"num_workers must be positive, got {self.num_workers}")
+        if self.device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"device must be auto, gpu or cpu, got {self.device!r}")
+        for name in ("max_workers", "num_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if None not in (self.max_workers, self.num_workers) and (
+            self.max_workers != self.num_workers
+        ):
+            raise ValueError(
+                "give max_workers or num_workers (its older name), not both: got "
+                f"{self.max_workers} and {self.num_workers}"
+            )
+        if any(amount <= 0 for amount in self.resources_per_worker.values()):
+            raise ValueError("resources_per_worker amounts must be positive")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
             raise ValueError("cpus_per_worker and gpus_per_worker must be positive")
         if self.max_retries < 0:
@@ -161,6 +177,12 @@ class RuntimeConfig:
                 "lease_heartbeat_s must be positive and below lease_timeout_s, got "
                 f"{self.lease_heartbeat_s} and {self.lease_timeout_s}"
             )
+
+    @property
+    def workers(self) -> int | None:
+        """Actors to ask for up front (``max_workers``, or ``num_workers``); None: as many
+        as the resources that are up hold."""
+        return self.max_workers or self.num_workers
 
 
 @dataclass

@@ -3,10 +3,11 @@
 
 A stage's work is a worker class with one method, ``run(task) -> result`` (a
 :class:`pipeline.io.shards.Sidecar` for the stages that write shards). The pool builds
-workers as ``worker(*args, device=..., threads=...)``: one in this process, or one Ray
-actor per GPU (or per ``cpus_per_worker`` CPUs). A failed task is retried
-``runtime.max_retries`` times (on a fresh actor if its actor died); bad input, storage
-that stays down and storage that denies permission stop the run at once.
+workers as ``worker(*args, device=..., threads=...)``: one in this process, or one per
+Ray actor (placement: how many, GPU or CPU, and what each asks for). Tasks go only to
+actors that are ready. A failed task is retried ``runtime.max_retries`` times (on a fresh
+actor if its actor died); bad input, a GPU without CUDA, storage that stays down and
+storage that denies permission stop the run at once.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from pipeline.config import RuntimeConfig
-from pipeline.errors import InputError
+from pipeline.errors import DeviceUnavailable, InputError
+from pipeline.execution.placement import actor_resources, resolve_device
 from pipeline.execution.progress import Progress
 from pipeline.io.retries import StorageUnavailable
+from pipeline.node import describe, this_node
 
 log = logging.getLogger("dreamshard.executor")
 Task = TypeVar("Task")
+WAIT_REPORT_S = 30.0  # how often a pool with actors still waiting for room says so
 
 
 class RunFailed(RuntimeError):
@@ -81,26 +85,34 @@ def start_local_ray(ray: Any, **options: Any) -> None:
     ray.init(address="local", logging_level=logging.WARNING, **options)
 
 
-def actor_resources(
-    resources: dict[str, float], runtime: RuntimeConfig, use_gpus: bool = True
-) -> tuple[dict[str, float], int]:
-    """Resources per actor and the number of actors, from the cluster's resources: one
-    actor per ``gpus_per_worker`` GPUs when the cluster has GPUs, else one per
-    ``cpus_per_worker`` CPUs; ``runtime.num_workers`` overrides the count."""
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
-    if use_gpus and gpus >= runtime.gpus_per_worker:
-        count = runtime.num_workers or int(gpus // runtime.gpus_per_worker)
-        return {"num_gpus": runtime.gpus_per_worker, "num_cpus": runtime.cpus_per_worker}, count
-    count = runtime.num_workers or max(1, int(cpus // runtime.cpus_per_worker))
-    return {"num_cpus": runtime.cpus_per_worker, "num_gpus": 0}, count
+class Host:
+    """The body of every Ray actor of a pool. It builds the stage's worker in :meth:`start`,
+    not in the actor's constructor, so that an error there (bad input, a GPU its node
+    does not have) reaches the driver with its type; ``start`` returning is the actor's
+    readiness, and it says which node the actor is on."""
+
+    def __init__(self, worker: type, *args: Any, device: str, threads: int) -> None:
+        self.build = lambda: worker(*args, device=device, threads=threads)
+        self.instance: Any = None
+
+    def start(self) -> dict[str, str]:
+        self.instance = self.build()
+        return this_node()
+
+    def run(self, task: Any) -> Any:
+        return self.instance.run(task)
 
 
 class ActorPool:
     """Workers of one class that run tasks, with bounded retries and progress.
 
     ``with ActorPool(worker, args, runtime) as pool: pool.map(tasks)``; the workers are
-    started on the first ``map`` and reused by later ones. ``per_worker`` tasks are kept
-    in flight on each actor (2 keeps an actor busy while its next task's input travels).
+    started on the first ``map`` and reused by later ones. Every actor is asked for at
+    once (``runtime.max_workers``, else as many as fit what is up), but tasks go only to
+    actors that are ready: a run starts with the actors that can start now and grows as
+    the autoscaler adds nodes for the others. ``per_worker`` tasks are kept in flight on
+    each actor (2 keeps an actor busy while its next task's input travels). ``device``
+    (``gpu``/``cpu``) overrides ``runtime.device``; ``max_workers`` caps the actors.
     """
 
     def __init__(
@@ -109,19 +121,22 @@ class ActorPool:
         args: tuple[Any, ...],
         runtime: RuntimeConfig,
         label: str = "shard",
-        use_gpus: bool = True,
+        device: str | None = None,
         max_workers: int | None = None,
         per_worker: int = 1,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.worker, self.args, self.runtime = worker, args, runtime
-        self.label, self.use_gpus, self.max_workers = label, use_gpus, max_workers
+        self.label, self.device, self.max_workers = label, device, max_workers
         self.per_worker, self.on_failure = per_worker, on_failure
         self.inline = runtime.executor == "inline"
         self.local: Any = None  # the inline worker
         self.ray: Any = None
-        self.actors: list[Any] = []
+        self.actors: list[Any] = []  # by slot; None where an actor could never start
+        self.starting: dict[Any, int] = {}  # readiness call -> slot
+        self.start_failures = 0
         self.new_actor: Callable[[], Any] | None = None
+        self.options: dict[str, Any] = {}
 
     def __enter__(self) -> ActorPool:
         return self
@@ -131,8 +146,9 @@ class ActorPool:
 
     def close(self) -> None:
         for actor in self.actors:
-            self.ray.kill(actor)
-        self.actors = []
+            if actor is not None:
+                self.ray.kill(actor)
+        self.actors, self.starting = [], {}
 
     def map(
         self,
@@ -164,11 +180,10 @@ class ActorPool:
             )
         return results
 
-    def _failed(self, what: str, error: BaseException, tries: int) -> None:
-        """Bad input, storage past its retry budget and storage that refuses (permission
-        denied: no retry can fix it) stop everything; the rest is retried (reported by
-        the caller)."""
-        if isinstance(error, InputError):
+    def _stop_if_fatal(self, what: str, error: BaseException) -> None:
+        """Bad input, a device the node lacks, storage past its retry budget and storage
+        that refuses (permission denied: no retry can fix it) stop everything."""
+        if isinstance(error, (InputError, DeviceUnavailable)):
             raise error
         if isinstance(error, StorageUnavailable):
             raise RunFailed(f"{self.label} {what}: {error}") from error
@@ -177,6 +192,10 @@ class ActorPool:
                 f"{self.label} {what}: permission denied ({error}); completed shards are "
                 "kept, fix the permissions and rerun to resume"
             ) from error
+
+    def _failed(self, what: str, error: BaseException, tries: int) -> None:
+        """Stop on a fatal error; the rest is retried (reported by the caller)."""
+        self._stop_if_fatal(what, error)
         if self.on_failure is not None:
             self.on_failure()
         log.warning("%s %s failed (try %d): %s", self.label, what, tries, error)
@@ -202,22 +221,65 @@ class ActorPool:
                 failures.append((name(task), last))
         return results, failures
 
-    def _start(self, count: int) -> None:
-        """Connect and start ``count`` actors (fewer if the cluster is smaller)."""
+    def _start(self, tasks: int) -> None:
+        """Connect and ask for the actors (at most one per task); none is waited for."""
         self.ray = ray = connect_ray(self.runtime.address)
-        options, fits = actor_resources(ray.cluster_resources(), self.runtime, self.use_gpus)
-        count = max(1, min(fits, count, self.max_workers or fits))
-        device = "cuda" if options["num_gpus"] else "cpu"
+        resources = ray.cluster_resources()
+        device = resolve_device(resources, self.runtime, self.device)
+        options, count = actor_resources(resources, self.runtime, device)
+        count = max(1, min(count, tasks, self.max_workers or count))
         threads = max(1, int(options["num_cpus"]))
-        remote = ray.remote(self.worker).options(max_restarts=0, **options)
+        # named after the stage's worker: Ray titles processes and lists actors by it
+        host = type(self.worker.__name__, (Host,), {"__module__": __name__})
+        remote = ray.remote(host).options(max_restarts=0, **options)
         shared = [ray.put(arg) for arg in self.args]  # stored once, fetched by each actor
+        torch_device = "cuda" if device == "gpu" else "cpu"
 
         def new_actor() -> Any:
-            return remote.remote(*shared, device=device, threads=threads)
+            return remote.remote(self.worker, *shared, device=torch_device, threads=threads)
 
         log.info("%d %s actors of %s with %s", count, device, self.worker.__name__, options)
-        self.new_actor = new_actor
-        self.actors = [new_actor() for _ in range(count)]
+        self.new_actor, self.options = new_actor, options
+        self.actors = [None] * count
+        for slot in range(count):
+            self._launch(slot)
+
+    def _launch(self, slot: int) -> None:
+        """A new actor in ``slot``; it takes tasks once its readiness call returns."""
+        assert self.new_actor is not None
+        actor = self.actors[slot] = self.new_actor()
+        self.starting[actor.start.remote()] = slot
+
+    def _started(self, ref: Any, slot: int) -> bool:
+        """Whether the actor in ``slot`` is ready; one that failed to start is replaced
+        (``runtime.max_retries`` times per actor asked for, in all), unless its error is
+        fatal."""
+        ray = self.ray
+        try:
+            node = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+            cause = getattr(error, "cause", None)
+            self._stop_if_fatal("worker start", cause if cause is not None else error)
+            self.start_failures += 1
+            if self.start_failures > self.runtime.max_retries * len(self.actors):
+                log.warning("an actor could not start (%s); not replaced", error)
+                self.actors[slot] = None
+            else:
+                log.warning("an actor could not start (%s); starting a new one", error)
+                self._launch(slot)
+            return False
+        log.info("%s actor %d ready on %s", self.worker.__name__, slot, describe(node))
+        return True
+
+    def _report_waiting(self, ready: int) -> None:
+        """Every ``WAIT_REPORT_S`` while actors wait for room: how many, for what."""
+        waiting = len(self.starting)
+        message = (
+            f"{ready} of {ready + waiting} actors ready; {waiting} wait for room on the "
+            f"cluster ({self.options} each): an autoscaler adds nodes for them, a cluster "
+            "without one starts them only when resources free up"
+        )
+        (log.warning if ready == 0 else log.info)(message)
 
     def _map_ray(
         self, tasks: list, name: Callable[[Any], str], meter: Progress, reduce: Callable
@@ -227,22 +289,41 @@ class ActorPool:
         ray = self.ray
         pending = deque(tasks)
         tries: dict[int, int] = {}
-        idle = [slot for slot in range(len(self.actors)) for _ in range(self.per_worker)]
-        in_flight: dict[Any, tuple[int, Any]] = {}
+        waiting = set(self.starting.values())
+        ready = [s for s, a in enumerate(self.actors) if a is not None and s not in waiting]
+        idle = [slot for slot in ready for _ in range(self.per_worker)]
+        in_flight: dict[Any, tuple[int, Any, Any]] = {}  # ref -> slot, task, actor
         results, failures = [], []
         while pending or in_flight:
             while idle and pending:
                 slot, task = idle.pop(0), pending.popleft()
-                in_flight[self.actors[slot].run.remote(task)] = (slot, task)
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            slot, task = in_flight.pop(ref)
-            idle.append(slot)
+                actor = self.actors[slot]
+                in_flight[actor.run.remote(task)] = (slot, task, actor)
+            if not in_flight and not self.starting:
+                raise RunFailed(
+                    f"no actor of {self.worker.__name__} could start ({self.start_failures} "
+                    f"tries); {len(pending)} {self.label}(s) left undone"
+                )
+            done, _ = ray.wait([*in_flight, *self.starting], num_returns=1, timeout=WAIT_REPORT_S)
+            if not done:
+                self._report_waiting(sum(a is not None for a in self.actors) - len(self.starting))
+                continue
+            [ref] = done
+            if ref in self.starting:
+                slot = self.starting.pop(ref)
+                if self._started(ref, slot):
+                    idle += [slot] * self.per_worker
+                continue
+            slot, task, actor = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-                if isinstance(error, ray.exceptions.RayActorError):
+                if not isinstance(error, ray.exceptions.RayActorError):
+                    idle.append(slot)
+                elif self.actors[slot] is actor:  # not replaced yet (by its other tasks)
                     log.warning("actor for %s died; starting a new one", name(task))
-                    self.actors[slot] = self.new_actor()
+                    idle = [s for s in idle if s != slot]
+                    self._launch(slot)
                 cause = getattr(error, "cause", None)
                 tries[id(task)] = tries.get(id(task), 0) + 1
                 self._failed(name(task), cause if cause is not None else error, tries[id(task)])
@@ -251,6 +332,7 @@ class ActorPool:
                 else:
                     pending.append(task)
                 continue
+            idle.append(slot)
             meter.update(result)
             results.append(reduce(result))
         return results, failures

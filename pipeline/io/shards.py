@@ -33,6 +33,7 @@ from pipeline.io.storage import (
     read_json,
     write_json,
 )
+from pipeline.node import this_node
 
 FIXED_MTIME = 0.0  # reproducible tar bytes
 T = TypeVar("T")
@@ -81,6 +82,7 @@ class Sidecar:
     bytes: int = 0
     seconds: float = 0.0
     device: str = ""
+    node: dict[str, str] = field(default_factory=dict)  # hostname, ray_node_id: who wrote it
     index: list[list[Any]] = field(default_factory=list)  # key, label, confidence, seed|distance
     # storage retries the tar and this sidecar needed, together (each sidecar attempt
     # carries its own count: the one that landed says how many went before it)
@@ -219,6 +221,7 @@ class ShardStore:
             bytes=size,
             index=[[s.key, s.label, s.info["confidence"], s.info[index_field]] for s in samples],
             write_retries=tries[0] - 1,
+            node=this_node(),
             **fields,
         )
         target = sidecar_url(self.run_url, name)

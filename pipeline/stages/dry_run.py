@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.execution.executor import actor_resources
+from pipeline.execution.placement import actor_resources
 from pipeline.io.shards import completed_shards
 from pipeline.stages.card import shard_pattern
 from pipeline.stages.manifest import resolved_config
@@ -68,16 +68,20 @@ def actors(config: Config, shards: int) -> dict[str, Any]:
     if runtime.executor == "inline":
         return {"count": 1, "where": "this process (runtime.executor: inline)"}
     address = runtime.address or os.environ.get("RAY_ADDRESS")
-    if address and not runtime.num_workers:
+    if address and not runtime.workers:
         return {
             "count": None,
             "where": f"the Ray cluster at {address}: one per GPU there, else one per "
             f"{runtime.cpus_per_worker} CPU(s), at most {shards} (one per shard)",
+            "device": runtime.device,
         }
     import torch
 
     local = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-    options, fits = actor_resources(local, runtime)
+    device = runtime.device
+    if device == "auto":  # this machine has no autoscaler: what is here decides
+        device = "gpu" if local["GPU"] >= runtime.gpus_per_worker else "cpu"
+    options, fits = actor_resources(local, runtime, device)
     where = address or "a local Ray cluster on this machine"
     return {
         "count": max(1, min(fits, shards)),

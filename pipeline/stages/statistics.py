@@ -157,7 +157,7 @@ def collect_parallel(config: Config, source: ImageFolder, workers: int) -> Sums:
         chunks.append(Chunk(chunk, start, rows))
     log.info("metadata: %d images in %d chunks", len(source.files), len(chunks))
     pool = ActorPool(
-        StatisticsWorker, (config,), config.runtime, "chunk", use_gpus=False, max_workers=workers
+        StatisticsWorker, (config,), config.runtime, "chunk", device="cpu", max_workers=workers
     )
     with pool:
         results = pool.map(chunks, name=lambda chunk: f"from {chunk.first_row}", progress=False)
