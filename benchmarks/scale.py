@@ -70,9 +70,11 @@ def actor_pids(head: int, name: str) -> list[int]:
 
 
 def run_and_watch(
-    args: list[str], head: Any, actor: str, log: Path, interval: float = 0.5
+    args: list[str], head: Any, actor: str, log: Path, shards: Path, interval: float = 0.5
 ) -> dict[str, Any]:
-    """Run ``python -m pipeline.cli ARGS`` against the head; the driver's and each actor's peak."""
+    """Run ``python -m pipeline.cli ARGS`` against the head; the driver's and each actor's
+    peak, the actors' peak before the first sidecar appeared in ``shards`` (for
+    retrieval: the end of scoring), and every 10 s the actors' largest RSS and peak."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(PYTHONPATH=str(ROOT), RAY_ADDRESS=f"127.0.0.1:{head.ports['port']}")
     start = time.monotonic()
@@ -85,20 +87,33 @@ def run_and_watch(
             cwd=ROOT,
         )
     actors: dict[int, int] = {}
+    before_shards: list[int] | None = None
+    trace: list[list[float]] = []
     while True:  # wait4, not Popen.poll: the exit status comes with the child's rusage
         done, status, usage = os.wait4(driver.pid, os.WNOHANG)
         if done == driver.pid:
             break
-        for pid in actor_pids(head.process.pid, actor):
-            peak = status_kib(pid, "VmHWM")
-            if peak is not None:
-                actors[pid] = peak
+        if before_shards is None and any(shards.glob("*.json")):
+            before_shards = list(actors.values())
+        now = {
+            pid: (status_kib(pid, "VmRSS") or 0, status_kib(pid, "VmHWM") or 0)
+            for pid in actor_pids(head.process.pid, actor)
+        }
+        actors.update({pid: peak for pid, (_, peak) in now.items() if peak})
+        elapsed = time.monotonic() - start
+        if actors and now and elapsed >= 10 * len(trace):
+            rss = max(r for r, _ in now.values()) / 1024
+            trace.append([round(elapsed), round(rss, 1), round(max(actors.values()) / 1024, 1)])
         time.sleep(interval)
     return {
         "exit_code": os.waitstatus_to_exitcode(status),
         "seconds": round(time.monotonic() - start, 1),
         "driver_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
         "actors_peak_rss_mib": [round(kib / 1024, 1) for _, kib in sorted(actors.items())],
+        "actors_peak_rss_mib_before_first_shard": [
+            round(kib / 1024, 1) for kib in before_shards or []
+        ],
+        "actors_trace_seconds_rss_peak_mib": trace,
     }
 
 
@@ -133,9 +148,10 @@ def teacher_part(head: Any, work: Path, images: int, iterations: int) -> dict[st
     }
     path = work / "teacher.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = work / "teacher.log"
-    watched = checked(run_and_watch(["run", str(path)], head, "ShardWorker", log), log)
-    run = work / "out" / "scale"
+    log, run = work / "teacher.log", work / "out" / "scale"
+    watched = checked(
+        run_and_watch(["run", str(path)], head, "ShardWorker", log, run / "shards"), log
+    )
     manifest = json.loads((run / "manifest.json").read_text())
     sidecars = [json.loads(p.read_text()) for p in sorted((run / "shards").glob("*.json"))]
     with Image.open(run / "preview.png") as preview:
@@ -216,8 +232,11 @@ def pool_part(head: Any, work: Path, sizes: list[int], per_tar: int, select: int
         path = work / f"pool-{images}.yaml"
         path.write_text(yaml.safe_dump(config))
         log = work / f"pool-{images}.log"
+        shards = work / "out" / f"pool-{images}" / "shards"
         load = os.getloadavg()[0]
-        watched = checked(run_and_watch(["retrieve", str(path)], head, "PoolWorker", log), log)
+        watched = checked(
+            run_and_watch(["retrieve", str(path)], head, "PoolWorker", log, shards), log
+        )
         totals = json.loads((work / "out" / f"pool-{images}" / "retrieval.json").read_text())
         rows.append(
             {
