@@ -13,6 +13,10 @@ saved as a state dict in a temporary folder (nothing downloaded, nothing kept), 
 DeepInversion on a handful of 224×224 images; the sizes of what the run wrote (preview,
 manifest, card, wids index, index, sidecars) are recorded with the preview's pixels.
 
+``--repeat``: one 1,000-image tar of that pool scored 12 times by one worker in this
+process, at batch 64 then 256: RSS and peak after each task (accumulation or not); run
+it alone (``--repeat``), so that nothing before it has raised this process's peak.
+
 ``--pool``: pools of 32×32 PNG images (blocks of colour plus noise, made with numpy)
 in WebDataset-style tars of ``--per-tar`` images each, one pool per ``--pool-sizes``
 entry, scored by the demo teacher (``models/demo-resnet20.pt``) against 10 classes × 2
@@ -20,7 +24,7 @@ generated labeled images, n_t = ``--select``, 2 actors of 1 CPU.
 
 Run from the repository root::
 
-    python benchmarks/scale.py --teacher --pool [--pool-sizes 10000 100000] \\
+    python benchmarks/scale.py --teacher --pool --repeat [--pool-sizes 10000 100000] \\
         [--json benchmarks/results/cpu-scale.json]
 
 Each part replaces its own entry in the JSON and keeps the other's.
@@ -29,6 +33,7 @@ Each part replaces its own entry in the JSON and keeps the other's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -248,6 +253,7 @@ def pool_part(head: Any, work: Path, sizes: list[int], per_tar: int, select: int
                 "scored": totals["totals"]["pool_scored"],
                 "selected": totals["totals"]["images"],
                 "pool_tasks": totals["totals"]["pool_tasks"],
+                "shards_written": len(totals["shards"]),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -256,10 +262,50 @@ def pool_part(head: Any, work: Path, sizes: list[int], per_tar: int, select: int
     return rows
 
 
+def repeat_part(work: Path, batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """One 1,000-image pool tar scored ``repeats`` times by one ``PoolWorker`` in this
+    process (1 thread) per batch size: its RSS and peak after each task tell memory that
+    accumulates with the tasks from the working set of one batch."""
+    from pipeline.config import parse_config
+    from pipeline.io.pool import list_pool
+    from pipeline.stages.retrieval import labeled_images, target_codes
+    from pipeline.stages.retrieval_worker import PoolWorker
+
+    make_pool(work / "repeat-pool", 1000, 1000)
+    labeled = labeled_folder(work / "repeat-labeled")
+    rows = []
+    for batch in batch_sizes:
+        config = parse_config(
+            {
+                "run": {"name": "repeat", "seed": 0, "output": str(work / "out")},
+                "teacher": {"arch": "resnet20", "checkpoint": str(DEMO_TEACHER)},
+                "synthesizer": {"name": "impression"},
+                "retrieval": {
+                    "pool": str(work / "repeat-pool"),
+                    "labeled": str(labeled),
+                    "num_select": 1000,
+                    "batch_size": batch,
+                },
+                "runtime": {"executor": "inline", "progress": False},
+            }
+        )
+        worker = PoolWorker(config, torch.zeros(1, 1), "cpu", 1)
+        worker.targets = target_codes(worker.model, config, worker.layers, *labeled_images(config))
+        (task,) = list_pool(str(work / "repeat-pool"))
+        after = []
+        for _ in range(repeats):
+            worker.score(task, [1000])
+            after.append([status_kib(os.getpid(), f) // 1024 for f in ("VmRSS", "VmHWM")])
+        rows.append({"batch_size": batch, "tasks": repeats, "rss_and_peak_mib_after_each": after})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", action="store_true", help="the 1,000-class teacher part")
     parser.add_argument("--pool", action="store_true", help="the pool part")
+    parser.add_argument("--repeat", action="store_true", help="one pool task scored repeatedly")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--pool-sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -280,7 +326,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="scale-"))
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     try:
-        with ray_head({}) as head:
+        with ray_head({}) if args.teacher or args.pool else contextlib.nullcontext() as head:
             if args.teacher:
                 load = os.getloadavg()[0]
                 part = teacher_part(head, work, args.images, args.iterations)
@@ -290,6 +336,9 @@ def main() -> None:
             if args.pool:
                 rows = pool_part(head, work, args.pool_sizes, args.per_tar, args.select)
                 results["pool"] = {"runs": rows, "actors": "2 × 1 CPU", "command": command}
+        if args.repeat:  # this process, no Ray: after the head is gone
+            rows = repeat_part(work, [64, 256], 12)  # ascending: each peak is its own
+            results["repeat"] = {"runs": rows, "command": command}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
