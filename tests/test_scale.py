@@ -92,3 +92,20 @@ def test_the_card_table_of_1000_classes_is_a_summary_and_the_worst_classes() -> 
     small = {k: per_class[k] for k in ("0", "1", "2")}
     table = per_class_table({"classes": {"0": 10, "1": 9}, "per_class": small})
     assert table[-1] == "| 2 | 0 | 10 | 80.0% |"  # a class with no image is still listed
+
+
+def test_read_images_decodes_only_the_classes_asked_for(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.io.shards import Sample, read_images, write_tar
+
+    samples = [
+        Sample(f"000000-{i:05d}", np.full((8, 8, 3), i, np.uint8), i % 3, {"confidence": 1.0})
+        for i in range(9)
+    ]
+    url = str(tmp_path / "shard.tar")
+    write_tar(url, samples)
+    wanted = read_images(url, labels={1})
+    assert [label for label, _ in wanted] == [1, 1, 1]
+    assert [int(image[0, 0, 0]) for _, image in wanted] == [1, 4, 7]  # in order
+    assert len(read_images(url)) == 9 and len(read_images(url, limit=2)) == 2
