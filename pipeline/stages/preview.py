@@ -5,7 +5,7 @@ with more classes shows the first ones that have samples, in ``plan.classes`` or
 :data:`PER_CLASS` columns, and tiles of at most :data:`MAX_TILE` pixels (larger images
 are shrunk; smaller ones are enlarged, nearest, to about 256 px as before). Only shards
 whose sidecar lists a class still short of samples are read, and only that class's
-samples are decoded, so the sheet of a 1,000-class, 224×224 run costs a few tens of MB.
+samples are decoded: the sheet of a 1,000-class, 224×224 run is at most 1,042 × 2,082 px.
 """
 
 from __future__ import annotations
