@@ -51,13 +51,17 @@ class ShardDamaged(RunError):
 
 
 def shard_images(
-    run_url: str, name: str, options: dict[str, Any] | None = None
+    run_url: str,
+    name: str,
+    options: dict[str, Any] | None = None,
+    labels: set[int] | None = None,
 ) -> list[tuple[int, np.ndarray]]:
-    """(label, image) pairs of a complete shard, in order; :class:`ShardDamaged` naming
-    it when the tar does not read back (a transient storage error is raised as is)."""
+    """(label, image) pairs of a complete shard (of the classes in ``labels`` when
+    given), in order; :class:`ShardDamaged` naming it when the tar does not read back
+    (a transient storage error is raised as is)."""
     url = shard_url(run_url, name)
     try:
-        return read_images(url, None, options)
+        return read_images(url, None, options, labels)
     except (tarfile.TarError, EOFError, zlib.error, SyntaxError, ValueError, OSError) as error:
         if is_transient(error):
             raise

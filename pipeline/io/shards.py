@@ -287,21 +287,32 @@ def shard_sha256(url: str, options: dict[str, Any] | None = None) -> str:
 
 
 def read_images(
-    url: str, limit: int | None = None, options: dict[str, Any] | None = None
+    url: str,
+    limit: int | None = None,
+    options: dict[str, Any] | None = None,
+    labels: set[int] | None = None,
 ) -> list[tuple[int, np.ndarray]]:
-    """(label, image) pairs from a shard, in order, without webdataset (for previews)."""
+    """(label, image) pairs from a shard, in order, without webdataset (for previews):
+    the first ``limit`` samples, of the classes in ``labels`` when given. Samples are
+    decoded one at a time as their ``png`` and ``cls`` arrive, and only the wanted ones,
+    so a shard of large images is never held whole."""
     fs, path = filesystem(url, options)
-    found: dict[str, dict[str, bytes]] = {}
+    pending: dict[str, dict[str, bytes]] = {}  # a sample's members seen so far
+    pairs: list[tuple[int, np.ndarray]] = []
     with fs.open(path, "rb") as f:
         for name, data in tar_files(f, url):
             key, _, extension = name.partition(".")
-            if extension in ("png", "cls"):
-                found.setdefault(key, {})[extension] = data
-            if limit is not None and len(found) > limit:
+            if extension not in ("png", "cls"):
+                continue
+            entry = pending.setdefault(key, {})
+            entry[extension] = data
+            if len(entry) < 2:
+                continue
+            del pending[key]
+            label = int(entry["cls"])
+            if labels is None or label in labels:
+                image = np.asarray(Image.open(io.BytesIO(entry["png"])).convert("RGB"))
+                pairs.append((label, image))
+            if limit is not None and len(pairs) >= limit:
                 break
-    pairs = []
-    for entry in list(found.values())[:limit]:
-        if "png" in entry and "cls" in entry:
-            image = np.asarray(Image.open(io.BytesIO(entry["png"])).convert("RGB"))
-            pairs.append((int(entry["cls"]), image))
     return pairs

@@ -14,6 +14,7 @@ from pipeline.io.storage import atomic_open, join, protocol_of, write_json
 
 CARD_NAME = "README.md"
 WIDS_INDEX_NAME = "wids-index.json"
+MAX_TABLE_CLASSES = 32  # rows of the per-class table; every class is in the manifest
 
 
 def shard_pattern(run_url: str, names: list[str]) -> str | None:
@@ -71,7 +72,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "sample has `png` (RGB), `cls` (class index), `json` (teacher label and confidence, "
         "seed, final losses) and optionally `logits.npy` (teacher logits, float16).",
         "",
-        "![preview: one row per class](preview.png)",
+        preview_line(manifest.get("preview")),
         "",
         "## Teacher",
         "",
@@ -110,16 +111,47 @@ def dataset_card(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def preview_line(preview: dict[str, Any] | None) -> str:
+    """The preview image, saying which classes it shows when it does not show them all."""
+    if preview and len(preview["classes"]) < preview["classes_total"]:
+        return (
+            f"![preview: {len(preview['classes'])} of the {preview['classes_total']} classes "
+            "(the first that have images), one row each](preview.png)"
+        )
+    return "![preview: one row per class](preview.png)"
+
+
 def per_class_table(totals: dict[str, Any]) -> list[str]:
-    """Images per class and the filter's accept rate."""
-    rows = ["| class | images | synthesized | accept rate |", "| --- | --- | --- | --- |"]
+    """Images per class and the filter's accept rate: every class with planned slots, or
+    past :data:`MAX_TABLE_CLASSES` a summary and the classes with the lowest accept rate."""
     per_class = totals.get("per_class") or {}
-    for label, images in totals["classes"].items():
+    images = {label: totals["classes"].get(label, 0) for label in per_class}
+    images.update(totals["classes"])  # a sidecar without per-class entries
+    labels = sorted(images, key=int)
+    rows = ["| class | images | synthesized | accept rate |", "| --- | --- | --- | --- |"]
+    intro: list[str] = []
+    if len(labels) > MAX_TABLE_CLASSES:
+        rates = [per_class[k]["accept_rate"] for k in labels if k in per_class]
+        counts = sorted(images.values())
+        intro = [
+            f"{len(labels)} classes: {counts[0]}–{counts[-1]} images per class (median "
+            f"{counts[len(counts) // 2]})"
+            + (f", accept rate {min(rates):.1%}–{max(rates):.1%}" if rates else "")
+            + f". The {MAX_TABLE_CLASSES} classes with the lowest accept rate (then the "
+            "fewest images) are listed; `manifest.json` (`totals.per_class`) has every class.",
+            "",
+        ]
+        labels = sorted(
+            labels, key=lambda k: (per_class.get(k, {}).get("accept_rate", 1.0), images[k], int(k))
+        )[:MAX_TABLE_CLASSES]
+    for label in labels:
         entry = per_class.get(label, {})
         rate = entry.get("accept_rate")
         rate_text = f"{rate:.1%}" if rate is not None else "–"
-        rows.append(f"| {label} | {images} | {entry.get('synthesized', '–')} | {rate_text} |")
-    return rows
+        rows.append(
+            f"| {label} | {images[label]} | {entry.get('synthesized', '–')} | {rate_text} |"
+        )
+    return intro + rows
 
 
 def loading_examples(manifest: dict[str, Any]) -> list[str]:

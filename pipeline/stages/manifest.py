@@ -11,19 +11,18 @@ import platform
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline
 from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
-from pipeline.io.images import contact_sheet
-from pipeline.io.integrity import damaged_shards, shard_images
+from pipeline.io.integrity import damaged_shards
 from pipeline.io.shards import Sidecar, complete, listing, shard_url
 from pipeline.io.storage import atomic_open, exists, join, read_json, redact, write_json
 from pipeline.stages.card import WIDS_INDEX_NAME, shard_pattern, write_card_and_index
 from pipeline.stages.plan import ShardTask, make_plan
+from pipeline.stages.preview import write_preview
 
 RESUMABLE_SECTIONS = ("runtime",)  # may change between a run and its resumption
 
@@ -83,7 +82,7 @@ def finalise_run(
     """
     sidecars = [Sidecar.read(run_url, task.name, options) for task in plan]
     write_index(join(run_url, "index.parquet"), sidecars, config, options)
-    write_preview(run_url, plan, config, options)
+    preview = write_preview(run_url, sidecars, config, options)  # bounded in classes
     classes: Counter = Counter()
     for sidecar in sidecars:
         classes.update({int(k): v for k, v in sidecar.classes.items()})
@@ -109,6 +108,7 @@ def finalise_run(
         "shard_pattern": shard_pattern(run_url, [s.shard for s in sidecars]),
         "wids_index": join(run_url, WIDS_INDEX_NAME),
         "totals": totals,
+        "preview": preview,
     }
     if metadata is not None:
         info = metadata.info
@@ -172,28 +172,6 @@ def write_index(
     pq.write_table(table, buffer)
     with atomic_open(url, options) as f:
         f.write(buffer.getvalue())
-
-
-def write_preview(
-    run_url: str,
-    plan: list[ShardTask],
-    config: Config,
-    options: dict[str, Any] | None,
-    per_class: int = 8,
-) -> None:
-    """A contact sheet: one row per class, up to ``per_class`` samples each."""
-    classes = config.classes
-    found: dict[int, list[np.ndarray]] = {c: [] for c in classes}
-    for task in plan:
-        for label, image in shard_images(run_url, task.name, options):  # names a damaged one
-            if len(found[label]) < per_class:
-                found[label].append(image)
-        if all(len(v) >= per_class for v in found.values()):
-            break
-    rows = [found[label] for label in classes]
-    png = contact_sheet(rows, config.teacher.image_size, per_class, scale_to=256)
-    with atomic_open(join(run_url, "preview.png"), options) as f:
-        f.write(png)
 
 
 def inspect_run(
