@@ -184,7 +184,7 @@ def test_submit_refuses_a_bad_evaluation_config_or_command_before_connecting(
     code, _, err = run_cli(
         ["submit", "--command", "eval", "kd", str(path), "--address", closed], capsys
     )
-    assert code == 2 and "train: epochs, batch_size and lr must be positive" in err
+    assert code == 2 and "train: epochs, batch_size, lr and eval_every must be positive" in err
     assert "--address" not in err
     code, _, err = run_cli(["submit", "--command", "eval", "distil", str(path)], capsys)
     assert code == 2 and "--command 'eval distil': valid commands: run, eval kd" in err
