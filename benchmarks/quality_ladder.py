@@ -321,7 +321,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch", type=int, default=130, help="synthesis batch")
     parser.add_argument("--statistics-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
@@ -368,7 +368,7 @@ def main() -> None:
         if not args.gpu
         else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "command": "python benchmarks/quality_ladder.py" + (" --full" if args.full else ""),
+        "command": " ".join(["python", "benchmarks/quality_ladder.py", *sys.argv[1:]]),
     }
     temp = tempfile.mkdtemp(prefix="ladder-ray-", dir="/tmp")
     start_local_ray(ray, _temp_dir=temp, num_cpus=os.cpu_count())
