@@ -141,11 +141,16 @@ def seed_folder(work: Path, classes: bool) -> Path:
     return root
 
 
-def write_images(run: Path, images: torch.Tensor, labels: torch.Tensor, teacher, row: str) -> None:
-    """uint8 (N, 3, H, W) images as shards with the teacher's logits (a real/noise row)."""
+def write_images(
+    run: Path, images: torch.Tensor, labels: torch.Tensor | None, teacher, row: str
+) -> None:
+    """uint8 (N, 3, H, W) images as shards with the teacher's logits (a real/noise row);
+    ``labels`` None: the teacher's own answers (from the same forward pass)."""
     mean, std = teacher.config.mean, teacher.config.std
     with torch.no_grad():
         logits = torch.cat([teacher.model(normalise(b, mean, std)) for b in images.split(256)])
+    if labels is None:
+        labels = logits.argmax(1)
     confidence = logits.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
     store = ShardStore(str(run))
     for index, start in enumerate(range(0, len(labels), 260)):
@@ -174,9 +179,7 @@ def make_source(row: str, args: argparse.Namespace, work: Path, teacher) -> dict
                 generator = torch.Generator().manual_seed(0)
                 size = (args.images, 3, 32, 32)
                 images = torch.randint(0, 256, size, generator=generator, dtype=torch.uint8)
-                with torch.no_grad():
-                    x = normalise(images, teacher.config.mean, teacher.config.std)
-                    labels = teacher.model(x).argmax(1)
+                labels = None  # the teacher's answers
             write_images(run, images, labels, teacher, row)
         return {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
     started = time.perf_counter()
