@@ -5,8 +5,9 @@
   makes the autoscaler start two nodes, and an actor on each writes shards;
 - two real nodes (``ray start --head``, and a second node started as ``ray start
   --address`` starts one, see ``ray_head.ray_worker_node``): a submitted run
-  spreads over both and completes on the head when the second node's raylet is killed
-  mid-run; a GPU actor on a node with no CUDA stops the run naming that node.
+  spreads over both and completes on the head when the second node (its raylet and
+  every worker under it, as when a machine goes away) is killed mid-run; a GPU actor
+  on a node with no CUDA stops the run naming that node.
 
 Every node has its own temp dir and free loopback ports, and is stopped by process id
 (never ``ray stop``, never ``AutoscalingCluster.start``, which runs ``ray stop --force``).
@@ -182,15 +183,15 @@ def test_max_workers_makes_the_autoscaler_add_a_node_per_actor(
 
 
 @pytest.fixture(scope="module")
-def two_nodes() -> Iterator[tuple[RayHead, Path]]:
+def two_nodes() -> Iterator[tuple[RayHead, subprocess.Popen]]:
     """A head with one CPU (room for one actor) and a second node with one CPU and one
-    GPU in Ray's books (this machine has no CUDA); yields the head and the second node's
-    temp dir."""
+    GPU in Ray's books (this machine has no CUDA); yields the head and the process that
+    started the second node."""
     with ray_head({"RAY_OVERRIDE_NODE_ID_FOR_TESTING": HEAD_ID}, ("--num-cpus=1",)) as head:
         env = {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": SECOND_ID}
         with ray_worker_node(head, env, num_cpus=1, num_gpus=1) as second:
             wait_for_nodes(head, 2)
-            yield head, Path(json.loads(second.args[-1])["temp_dir"])
+            yield head, second
 
 
 def wait_for_nodes(head: RayHead, count: int, seconds: float = 90.0) -> None:
@@ -209,17 +210,24 @@ def wait_for_nodes(head: RayHead, count: int, seconds: float = 90.0) -> None:
     raise RuntimeError(f"the cluster did not reach {count} nodes in {seconds:.0f} s")
 
 
-def raylet_of(temp_dir: Path) -> int:
-    """The process id of the raylet whose node lives in ``temp_dir``."""
-    for pid in own_processes(temp_dir):
-        with contextlib.suppress(OSError):
-            if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
-                return pid
-    raise RuntimeError(f"no raylet under {temp_dir}")
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (a node's raylet, its workers and
+    actors are children of the process that started the node)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
 
 
 def test_a_gpu_actor_on_a_node_without_cuda_stops_the_run_naming_the_node(
-    two_nodes: tuple[RayHead, Path], tmp_path: Path, teacher_checkpoint: str
+    two_nodes: tuple[RayHead, subprocess.Popen], tmp_path: Path, teacher_checkpoint: str
 ) -> None:
     head, _ = two_nodes
     config = write_config(
@@ -234,7 +242,7 @@ def test_a_gpu_actor_on_a_node_without_cuda_stops_the_run_naming_the_node(
 
 
 def test_a_submitted_run_spreads_over_both_nodes_and_survives_losing_one(
-    two_nodes: tuple[RayHead, Path], tmp_path: Path, teacher_checkpoint: str
+    two_nodes: tuple[RayHead, subprocess.Popen], tmp_path: Path, teacher_checkpoint: str
 ) -> None:
     head, second = two_nodes
     config = write_config(
@@ -256,8 +264,12 @@ def test_a_submitted_run_spreads_over_both_nodes_and_survives_losing_one(
         seen.update({n: round(time.monotonic() - started, 1) for n in written if n not in seen})
         on_second = [n for n, s in written.items() if s["node"].get("ray_node_id") == SECOND_ID]
         if on_second and killed_after is None:
-            os.kill(raylet_of(second), signal.SIGKILL)  # the second node is gone mid-run
-            killed_after = len(written)
+            # the second node is gone mid-run, as a lost machine is: its raylet alone
+            # would not do (an actor outlives its raylet and keeps taking shards)
+            for pid in process_tree(second.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed_after = len(sidecars(run))
         time.sleep(0.2)
     out, _ = submit.communicate(timeout=max(1.0, deadline - time.monotonic()))
     seconds = time.monotonic() - started
@@ -268,6 +280,6 @@ def test_a_submitted_run_spreads_over_both_nodes_and_survives_losing_one(
     assert set(nodes) == {HEAD_ID, SECOND_ID}
     assert nodes.count(HEAD_ID) >= SHARDS - killed_after  # the rest were made on the head
     print(
-        f"two nodes: {nodes.count(SECOND_ID)} shards on the second node, its raylet killed "
+        f"two nodes: {nodes.count(SECOND_ID)} shards on the second node, the node killed "
         f"after {killed_after} shards, {SHARDS} shards in {seconds:.1f} s; appeared at {seen}"
     )
