@@ -52,6 +52,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         shuffle_buffer=config.data.shuffle_buffer,
         loader_workers=config.data.loader_workers,
         augment=config.data.augment,
+        mixup=config.data.mixup,
         seed=config.run.seed,
         storage_options=inputs.options,
     )
@@ -70,10 +71,12 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     ``train.logits: stored`` and ``data.augment: true`` the teacher, which every
     evaluation loads anyway (from ``teacher`` or the run's manifest), is run on each
     augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
-    stored logits are used and the teacher is not run during training. Either way a
+    stored logits are used and the teacher is not run during training. ``data.mixup``
+    makes new images too, so it runs the teacher like augmentation does. Either way a
     ``stored`` run needs ``logits.npy`` in every shard (checked before training).
     """
-    return config.train.logits == "stored" and not config.data.augment
+    data = config.data
+    return config.train.logits == "stored" and not data.augment and not data.mixup
 
 
 def kd_targets(config: EvalConfig, command: str) -> str:
@@ -82,6 +85,8 @@ def kd_targets(config: EvalConfig, command: str) -> str:
         return "hard labels only"
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
+    if config.data.mixup:
+        return "teacher run on each mixed view the student sees"
     if config.train.logits == "stored":
         return "teacher run on each augmented view (stored logits describe the unaugmented image)"
     return "teacher run on each view the student sees"

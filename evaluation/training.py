@@ -64,6 +64,7 @@ class TrainJob:
     shuffle_buffer: int = 1000
     loader_workers: int = 1
     augment: bool = True
+    mixup: float = 0.0  # Beta(mixup, mixup) batch mixing (targets from the mixed images)
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch always is one
@@ -75,9 +76,17 @@ def kd_loss(
     labels: torch.Tensor,
     temperature: float,
     alpha: float,
+    mixed: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """Hinton KD: ``alpha`` T² KL(teacher_T ‖ student_T) + (1 - ``alpha``) CE(labels)."""
+    """Hinton KD: ``alpha`` T² KL(teacher_T ‖ student_T) + (1 - ``alpha``) CE(labels).
+
+    ``mixed`` = (the other images' labels, λ) for a mixed batch: the hard term is
+    λ CE(labels) + (1 - λ) CE(other labels); the teacher's logits are already those of
+    the mixed images."""
     hard = F.cross_entropy(student, labels)
+    if mixed is not None:
+        other, lam = mixed
+        hard = lam * hard + (1 - lam) * F.cross_entropy(student, other)
     if teacher is None or alpha == 0:
         return hard
     soft = F.kl_div(
@@ -192,6 +201,7 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
     for batch in loader:
         taken += 1
         images, labels = batch[0].to(device), batch[1].to(device)
+        images, mixed = mix(images, labels, job.mixup)
         if job.stored_logits:
             targets = batch[2].to(device)
         elif teacher is not None:
@@ -199,7 +209,7 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
                 targets = teacher(images)
         else:
             targets = None
-        loss = kd_loss(model(images), targets, labels, job.temperature, job.alpha)
+        loss = kd_loss(model(images), targets, labels, job.temperature, job.alpha, mixed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -208,6 +218,21 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
     if taken != steps:  # the other ranks would wait for this one forever
         raise RuntimeError(f"the loader yielded {taken} batches, {steps} were planned")
     return loss_sum, seen
+
+
+def mix(
+    images: torch.Tensor, labels: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, tuple[torch.Tensor, float] | None]:
+    """Mixup: λ x + (1 - λ) x[perm] with λ ~ Beta(``alpha``, ``alpha``) (0: unchanged).
+
+    Teacher targets are computed on the mixed images (function matching: the student
+    learns the teacher's function between the images too, which a small synthetic set
+    alone does not cover)."""
+    if alpha <= 0 or len(images) < 2:
+        return images, None
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(images), device=images.device)
+    return lam * images + (1 - lam) * images[perm], (labels[perm], lam)
 
 
 def _summed(loss_sum: float, seen: int, world: int, device: torch.device) -> tuple[float, int]:

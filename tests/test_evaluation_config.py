@@ -43,6 +43,7 @@ def test_defaults_are_the_papers() -> None:
         ({"data": {"shards": "r"}, "prune": {"ratios": [1.5]}}, r"prune: ratios must be"),
         ({"data": {"shards": "r"}, "runtime": {"num_workers": "two"}}, "expected an integer"),
         ({"data": {}}, "data: shards is required"),
+        ({"data": {"shards": "r", "mixup": -1}}, "mixup is a Beta parameter"),
     ],
 )
 def test_bad_fields_are_named(data: dict, message: str) -> None:

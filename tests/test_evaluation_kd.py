@@ -57,6 +57,31 @@ def test_stored_logits_teach_only_the_unaugmented_image(
         )
 
 
+def test_mixup_makes_new_images_so_the_teacher_labels_them(
+    teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    from evaluation.training import kd_loss, mix
+
+    shards = write_sized_shards(tmp_path / "run", [6, 4])
+    data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, mixup=0.4)
+    config = parse_eval_config(data)
+    job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+    assert job.teacher is not None and not job.stored_logits and job.mixup == 0.4
+    assert kd_targets(config, "kd").startswith("teacher run on each mixed")
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(8, 3, 4, 4), torch.arange(8)
+    assert mix(images, labels, 0.0) == (images, None)
+    mixed, (other, lam) = mix(images, labels, 0.4)
+    assert 0.0 <= lam <= 1.0 and sorted(other.tolist()) == list(range(8))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images[other])  # labels = indices
+    student = torch.randn(8, 10)
+    hard = torch.nn.functional.cross_entropy
+    expected = lam * hard(student, labels) + (1 - lam) * hard(student, other)
+    loss = kd_loss(student, None, labels, 4.0, 0.0, (other, lam))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_stored_logits_on_shards_without_them_exit_2_naming_the_shard(
     teacher_checkpoint: str, tmp_path: Path, capsys
 ) -> None:
