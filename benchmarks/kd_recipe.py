@@ -1,0 +1,147 @@
+"""A KD recipe choice for the quality ladder, made on held-out training images.
+
+The ladder's student peaks early on a small synthetic set and then decays (it fits the
+teacher on a narrow set of images). This benchmark asks whether mixup with the teacher
+run on the mixed images (``data.mixup``) changes that, for the real row and a method
+row alike, without looking at the test set: each variant is evaluated on a held-out
+slice of the CIFAR-10 training images (the last ``--holdout`` images of each class by
+name, which neither the ladder's real row nor its statistics use). The shards are the
+ladder's (run ``quality_ladder.py`` for those rows first); the KD recipe is the ladder's
+except for the variant.
+
+Resumable per (row, variant, seed): results are written as each run finishes.
+
+    python benchmarks/kd_recipe.py --rows real,class-conditional --mixup 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import cpu_name
+from quality_ladder import TRAIN, eval_data, run_folder
+
+from evaluation.config import parse_eval_config
+from evaluation.kd import train_student
+from pipeline.errors import InputError
+from pipeline.execution.executor import start_local_ray
+from pipeline.io.images import open_image_folder
+
+
+def holdout_folder(work: Path, per_class: int) -> Path:
+    """The last ``per_class`` training images of each class (by name), as class folders."""
+    root = work / f"holdout-{per_class}"
+    if root.exists():
+        return root
+    folder = open_image_folder(TRAIN)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for label, name in enumerate(folder.classes):
+        files = [path for path, owner in folder.files if owner == label][-per_class:]
+        (partial / name).mkdir(parents=True)
+        for path in files:
+            (partial / name / Path(path).name).write_bytes(folder.read(path))
+    partial.rename(root)
+    return root
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="real,class-conditional")
+    parser.add_argument("--mixup", default="0,1", help="comma-separated Beta parameters")
+    parser.add_argument("--holdout", type=int, default=100, help="training images per class")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--kd-batch", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--work", default="outputs/quality-ladder")
+    parser.add_argument("--results", default="benchmarks/results/cpu-kd-recipe.json")
+    args = parser.parse_args()
+    args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
+    try:
+        args.mixups = [float(v) for v in args.mixup.split(",")]
+    except ValueError:
+        parser.error(f"--mixup takes comma-separated numbers, got {args.mixup!r}")
+    return args
+
+
+def table(record: dict[str, Any]) -> str:
+    lines = [
+        "# KD recipe on held-out training images",
+        "",
+        f"{record['protocol']}",
+        "",
+        "| row | mixup | held-out top-1 (final, per seed) | best evaluated epoch | seconds |",
+        "|---|---:|---|---|---:|",
+    ]
+    for key, entry in record["runs"].items():
+        row, mixup = key.rsplit("@mixup", 1)
+        final = ", ".join(f"{100 * v:.1f}%" for v in entry["final"])
+        best = ", ".join(f"{100 * b[1]:.1f}% (ep {b[0]})" for b in entry["best"])
+        seconds = ", ".join(str(s) for s in entry["seconds"])
+        lines.append(f"| {row} | {mixup} | {final} | {best} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = arguments()
+    import ray
+
+    work = Path(args.work).resolve()
+    rows = args.rows.split(",")
+    missing = [r for r in rows if not (run_folder(r, work) / "shards").is_dir()]
+    if missing:
+        raise InputError(f"no ladder shards for rows {missing} under {work}: run them first")
+    holdout = holdout_folder(work, args.holdout)
+    results = Path(args.results)
+    record = json.loads(results.read_text()) if results.exists() else {"runs": {}}
+    record["protocol"] = (
+        f"Device: {os.cpu_count()} CPU cores ({cpu_name()}). The quality ladder's shards and KD "
+        f"recipe (ResNet-56 → ResNet-20, {args.epochs} epochs, batch {args.kd_batch}, "
+        f"{args.workers} Ray Train workers); evaluated on the last {args.holdout} training "
+        f"images of each class ({10 * args.holdout} images, never in a ladder row). "
+        f"Command: `python benchmarks/kd_recipe.py {' '.join(sys.argv[1:])}`."
+    )
+    temp = tempfile.mkdtemp(prefix="kd-recipe-ray-", dir="/tmp")
+    start_local_ray(ray, _temp_dir=temp, num_cpus=os.cpu_count())
+    try:
+        for seed in range(args.seeds):
+            for row in rows:
+                for mixup in args.mixups:
+                    key = f"{row}@mixup{mixup:g}"
+                    entry = record["runs"].setdefault(key, {"final": [], "best": [], "seconds": []})
+                    if len(entry["final"]) > seed:
+                        continue
+                    name = f"recipe-{row}-m{mixup:g}-s{seed}"
+                    data = eval_data(str(run_folder(row, work)), args, name, seed, work / "eval")
+                    data["data"].update(test=str(holdout), mixup=mixup)
+                    started = time.perf_counter()
+                    result = train_student(parse_eval_config(data), "kd")
+                    entry["final"].append(result["final"]["test_accuracy"])
+                    entry["best"].append([result["best"]["epoch"], result["best"]["test_accuracy"]])
+                    entry["seconds"].append(round(time.perf_counter() - started, 1))
+                    results.write_text(json.dumps(record, indent=2) + "\n")
+                    results.with_suffix(".md").write_text(table(record))
+                    print(json.dumps({"run": key, "seed": seed, **entry}), flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    print(table(record))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
