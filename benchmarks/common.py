@@ -1,13 +1,18 @@
 """What every benchmark shares: the repository (and ``tests/``, for the S3 server) on
-``sys.path``, Ray's environment defaults, the shared data and checkpoints, and the CPU's
-name for the results. A benchmark imports this module before anything of the project's.
+``sys.path``, Ray's environment defaults, the shared data and checkpoints, the CPU's name
+for the results, and a private local Ray. A benchmark imports this module before anything
+of the project's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +39,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def local_ray(prefix: str, num_cpus: int | None = None) -> Iterator[None]:
+    """A fresh local Ray on loopback with its own temp dir (this machine may run other
+    Rays), shut down and its temp dir removed on the way out."""
+    import ray
+
+    from pipeline.execution.executor import start_local_ray
+
+    temp = tempfile.mkdtemp(prefix=f"{prefix}-ray-", dir="/tmp")
+    try:
+        start_local_ray(ray, _temp_dir=temp, num_cpus=num_cpus or os.cpu_count())
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

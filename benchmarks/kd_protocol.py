@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import CIFAR, RESNET56, cpu_name
+from common import CIFAR, RESNET56, cpu_name, local_ray
 from quality_ladder import write_images
 
 from evaluation.config import parse_eval_config
@@ -109,22 +109,18 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/kd-protocol")
     parser.add_argument("--results", default="benchmarks/results/cpu-kd-protocol.json")
     args = parser.parse_args()
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", include_dashboard=False)
     root = Path(args.out).resolve()
     teacher = load_teacher(TeacherConfig(**TEACHER))
-    started = time.perf_counter()
-    synthetic = synthetic_source(root, args.images, args.iterations, args.seed)
-    synthesis_seconds = round(time.perf_counter() - started, 1)
-    sources = {
-        "real": real_source(root, args.images, teacher),
-        "deepinversion": synthetic,
-        "noise": noise_source(root, args.images, teacher, args.seed),
-    }
-    rows = [distil(root, name, url, args) for name, url in sources.items()]
-    ray.shutdown()
+    with local_ray("kd-protocol"):
+        started = time.perf_counter()
+        synthetic = synthetic_source(root, args.images, args.iterations, args.seed)
+        synthesis_seconds = round(time.perf_counter() - started, 1)
+        sources = {
+            "real": real_source(root, args.images, teacher),
+            "deepinversion": synthetic,
+            "noise": noise_source(root, args.images, teacher, args.seed),
+        }
+        rows = [distil(root, name, url, args) for name, url in sources.items()]
     real = rows[0]["final"]
     for row in rows:
         row["fraction_of_real"] = round(row["final"] / real, 4) if real else None

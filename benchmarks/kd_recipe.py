@@ -21,18 +21,16 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import cpu_name
+from common import cpu_name, local_ray
 from quality_ladder import TRAIN, eval_data, run_folder
 
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
 from pipeline.errors import InputError
-from pipeline.execution.executor import start_local_ray
 from pipeline.io.images import open_image_folder
 
 
@@ -95,7 +93,6 @@ def table(record: dict[str, Any]) -> str:
 
 def main() -> None:
     args = arguments()
-    import ray
 
     work = Path(args.work).resolve()
     rows = args.rows.split(",")
@@ -112,9 +109,7 @@ def main() -> None:
         f"images of each class ({10 * args.holdout} images, never in a ladder row). "
         f"Command: `python benchmarks/kd_recipe.py {' '.join(sys.argv[1:])}`."
     )
-    temp = tempfile.mkdtemp(prefix="kd-recipe-ray-", dir="/tmp")
-    start_local_ray(ray, _temp_dir=temp, num_cpus=os.cpu_count())
-    try:
+    with local_ray("kd-recipe"):
         for seed in range(args.seeds):
             for row in rows:
                 for mixup in args.mixups:
@@ -133,9 +128,6 @@ def main() -> None:
                     results.write_text(json.dumps(record, indent=2) + "\n")
                     results.with_suffix(".md").write_text(table(record))
                     print(json.dumps({"run": key, "seed": seed, **entry}), flush=True)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
     print(table(record))
 
 

@@ -35,6 +35,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -47,14 +48,14 @@ import numpy as np
 import torch
 import webdataset as wds
 from class_conditional_quality import measure
-from common import CIFAR, RESNET20, RESNET56, cpu_name
+from common import CIFAR, RESNET20, RESNET56, cpu_name, local_ray
 from kd_protocol import distil
 
 from evaluation.fidelity import frechet_distance, logits_and_features, precision_recall
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.graph import run_job
 from pipeline.io.images import contact_sheet, decode, open_image_folder
-from pipeline.models.teachers import load_teacher
+from pipeline.models.teachers import Teacher, load_teacher
 from synthesizers import SynthesisSpec, build_synthesizer, get_synthesizer
 
 ROWS = {
@@ -110,10 +111,22 @@ def main() -> None:
     if args.timing_rounds:
         result["timing"] = side_by_side(args)
         print(json.dumps(result["timing"]), flush=True)
-    if args.kd_epochs:
-        import ray
+    cluster = local_ray("ni-ablation", num_cpus=2) if args.kd_epochs else contextlib.nullcontext()
+    with cluster:
+        rows_run(args, work, judge, reference, result, out)
+    print(table(result))
+    shutil.rmtree(work)
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+
+def rows_run(
+    args: argparse.Namespace,
+    work: Path,
+    judge: Teacher,
+    reference: torch.Tensor,
+    result: dict,
+    out: Path,
+) -> None:
+    """Each row: synthesise, measure, optionally distil; the table written after each."""
     sheets = []
     for row in args.rows.split(","):
         load = os.getloadavg()[0]
@@ -137,10 +150,6 @@ def main() -> None:
         print(json.dumps(record), flush=True)
         # after every row: a partial table survives an interruption
         write(out / args.name, result, sheets)
-    if args.kd_epochs:
-        ray.shutdown()
-    print(table(result))
-    shutil.rmtree(work)
 
 
 def row_config(row: str, args: argparse.Namespace, work: Path) -> dict:

@@ -34,16 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from common import CIFAR, RESNET20, RESNET56, cpu_name
+from common import CIFAR, RESNET20, RESNET56, cpu_name, local_ray
 
 from evaluation.config import parse_eval_config
 from evaluation.fidelity import fd_name, run_fidelity
@@ -52,7 +50,6 @@ from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.errors import InputError
-from pipeline.execution.executor import start_local_ray
 from pipeline.graph import run_job
 from pipeline.io.images import contact_sheet, open_image_folder
 from pipeline.io.shards import Sample, ShardStore, Sidecar, shard_name
@@ -348,7 +345,6 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
-    import ray
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -373,11 +369,9 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/quality_ladder.py", *sys.argv[1:]]),
     }
-    temp = tempfile.mkdtemp(prefix="ladder-ray-", dir="/tmp")
-    start_local_ray(ray, _temp_dir=temp, num_cpus=os.cpu_count())
-    teacher = load_teacher(TeacherConfig(**TEACHER))
     rows = args.rows.split(",")
-    try:
+    with local_ray("ladder"):
+        teacher = load_teacher(TeacherConfig(**TEACHER))
         for seed in range(args.seeds):
             for row in rows:
                 entry = record["rows"].get(row)
@@ -396,9 +390,6 @@ def main() -> None:
                 record["protocol"]["teacher_top1"] = result["teacher"]
                 save(record, args)
                 print(json.dumps({"row": row, "seed": seed, **result}), flush=True)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
     print(table(record))
 
 
