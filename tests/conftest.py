@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,14 @@ def make_config(teacher_checkpoint: str, tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster for the session (2 CPUs, no dashboard)."""
+    """A local Ray cluster for the session (2 CPUs, no dashboard, on loopback, in its own
+    temp dir: other Rays on this machine are left alone)."""
     ray = pytest.importorskip("ray")
+    from pipeline.execution.executor import start_local_ray
+
+    temp = tempfile.mkdtemp(prefix="test-ray-", dir="/tmp")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        start_local_ray(ray, _temp_dir=temp, num_cpus=2)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
