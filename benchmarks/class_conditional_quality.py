@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from common import CIFAR, RESNET20, RESNET56
+from common import CIFAR, RESNET20, RESNET56, predict, recognised_training_images
 
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.graph import run_job
@@ -113,35 +113,15 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
 
 def make_seed_folders(work: Path) -> tuple[Path, Path]:
     """50 and 1 correctly classified training images per class, as class folders."""
-    from pipeline.io.images import open_image_folder
-
-    folder = open_image_folder(f"{CIFAR}/cifar10-jpeg/train").subset(80)
     teacher = load_teacher(TeacherConfig(arch="resnet56", checkpoint=str(RESNET56)))
-    images, _ = folder.load()
-    predicted = predict(teacher, images)
+    folder, chosen = recognised_training_images(teacher, per_class=50, candidates=80)
     b, c = work / "seeds-b", work / "seeds-c"
-    counts: dict[int, int] = {}
-    for (path, label), guess in zip(folder.files, predicted, strict=True):
-        if guess != label or counts.get(label, 0) >= 50:
-            continue
-        counts[label] = counts.get(label, 0) + 1
-        name = path.rsplit("/", 1)[-1]
+    for label, paths in chosen.items():
         for root, limit in ((b, 50), (c, 1)):
-            if counts[label] <= limit:
-                (root / str(label)).mkdir(parents=True, exist_ok=True)
-                (root / str(label) / name).write_bytes(folder.read(path))
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            for path in paths[:limit]:
+                (root / str(label) / path.rsplit("/", 1)[-1]).write_bytes(folder.read(path))
     return b, c
-
-
-def predict(teacher, images: torch.Tensor) -> list[int]:
-    """The class each uint8 image (N, 3, H, W) gets from ``teacher``."""
-    mean = torch.tensor(teacher.config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(teacher.config.std).view(1, 3, 1, 1)
-    out = []
-    with torch.no_grad():
-        for chunk in images.split(256):
-            out += teacher.model((chunk.float() / 255 - mean) / std).argmax(1).tolist()
-    return out
 
 
 def measure(method: str, run: Path, manifest: dict, judge, tau: float, wall: float) -> dict:

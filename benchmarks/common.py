@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "tests"):
@@ -56,3 +57,34 @@ def local_ray(prefix: str, num_cpus: int | None = None) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def predict(teacher: Any, images: Any) -> list[int]:
+    """The class each uint8 image (N, 3, H, W) gets from ``teacher`` (a loaded teacher)."""
+    import torch
+
+    from pipeline.models.accuracy import normalise
+
+    out: list[int] = []
+    with torch.no_grad():
+        for chunk in images.split(256):
+            logits = teacher.model(normalise(chunk, teacher.config.mean, teacher.config.std))
+            out += logits.argmax(1).tolist()
+    return out
+
+
+def recognised_training_images(
+    teacher: Any, per_class: int, candidates: int
+) -> tuple[Any, dict[int, list[str]]]:
+    """The CIFAR-10 training set's image folder and, per class, the paths of the first
+    ``per_class`` of its first ``candidates`` images (by name) that ``teacher`` puts in
+    their class: seeds for scenarios B/C and IMAGINE, chosen on training images only."""
+    from pipeline.io.images import open_image_folder
+
+    folder = open_image_folder(f"{CIFAR}/cifar10-jpeg/train").subset(candidates)
+    images, _ = folder.load(32)
+    chosen: dict[int, list[str]] = {label: [] for label in range(len(folder.classes))}
+    for (path, label), guess in zip(folder.files, predict(teacher, images), strict=True):
+        if guess == label and len(chosen[label]) < per_class:
+            chosen[label].append(path)
+    return folder, chosen

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import CIFAR, RESNET20, RESNET56, cpu_name, local_ray
+from common import CIFAR, RESNET20, RESNET56, cpu_name, local_ray, recognised_training_images
 
 from evaluation.config import parse_eval_config
 from evaluation.fidelity import fd_name, run_fidelity
@@ -90,7 +91,7 @@ def run_folder(row: str, work: Path) -> Path:
     return work / "runs" / row.replace("@", "-i")
 
 
-def method_config(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) -> dict[str, Any]:
     """The run config of a method row (filter off: every row stores N images)."""
     per_class = args.images // 10
     name = row
@@ -103,9 +104,10 @@ def method_config(row: str, args: argparse.Namespace, work: Path) -> dict[str, A
     if row in ("class-conditional", "impression"):
         metadata = {"source": TRAIN, "max_per_class": args.statistics_per_class}
     elif row == "class-conditional-C":
-        metadata = {"source": str(seed_folder(work, classes=True)), "scenario": "C"}
+        folder = seed_folder(work, classes=True, teacher=teacher)
+        metadata = {"source": str(folder), "scenario": "C"}
     elif row == "imagine":
-        folder = seed_folder(work, classes=False)
+        folder = seed_folder(work, classes=False, teacher=teacher)
         metadata = {"source": str(folder), "scenario": "seeds", "variations": per_class}
         plan.pop("num_images")  # variations x seeds
     elif row in ("deepinversion", "adi"):
@@ -123,18 +125,24 @@ def method_config(row: str, args: argparse.Namespace, work: Path) -> dict[str, A
     return data
 
 
-def seed_folder(work: Path, classes: bool) -> Path:
-    """One training image per class (the first by name): class folders (scenario C) or a
-    flat folder (scenario seeds)."""
+def seed_folder(work: Path, classes: bool, teacher: Any) -> Path:
+    """One training image per class: the first by name that the teacher puts in its class
+    (scenario C and IMAGINE need seeds the teacher recognises; the training set's first
+    dog is not one), as class folders (scenario C) or a flat folder (scenario seeds)."""
     root = work / ("seeds-C" if classes else "seeds")
     if root.exists():
         return root
-    folder = open_image_folder(TRAIN).subset(1)
-    for path, label in folder.files:
+    folder, chosen = recognised_training_images(teacher, per_class=1, candidates=10)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for label, paths in chosen.items():
         name = folder.classes[label]
-        target, file = (root / name, "seed.jpg") if classes else (root, f"{name}.jpg")
+        if not paths:
+            raise InputError(f"the teacher recognises none of the first 10 {name} images")
+        target, file = (partial / name, "seed.jpg") if classes else (partial, f"{name}.jpg")
         target.mkdir(parents=True, exist_ok=True)
-        (target / file).write_bytes(folder.read(path))
+        (target / file).write_bytes(folder.read(paths[0]))
+    partial.rename(root)
     return root
 
 
@@ -180,7 +188,7 @@ def make_source(row: str, args: argparse.Namespace, work: Path, teacher) -> dict
             write_images(run, images, labels, teacher, row)
         return {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
     started = time.perf_counter()
-    run_job(parse_config(method_config(row, args, work)))
+    run_job(parse_config(method_config(row, args, work, teacher)))
     wall = time.perf_counter() - started
     sidecars = [Sidecar.load(str(p)) for p in sorted((run / "shards").glob("*.json"))]
     return {
