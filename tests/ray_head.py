@@ -140,6 +140,29 @@ def wait_ready(head: RayHead, deadline: float) -> None:
     raise RuntimeError(f"the Ray head did not accept jobs in {START_SECONDS:.0f} s ({last})")
 
 
+def parent(pid: int) -> int:
+    """The parent process id of ``pid`` (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descendants(root: int) -> list[int]:
+    """Every living process below ``root`` (a node's raylet, workers and actors are
+    below the process that started the node)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(parent(int(entry)), []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def own_processes(temp_dir: Path) -> list[int]:
     """Processes of this head (their command lines name its private temp dir)."""
     pids = []

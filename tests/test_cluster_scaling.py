@@ -32,6 +32,7 @@ import yaml
 from ray_head import (
     PORTS,
     RayHead,
+    descendants,
     head_env,
     node_ports,
     own_processes,
@@ -210,22 +211,6 @@ def wait_for_nodes(head: RayHead, count: int, seconds: float = 90.0) -> None:
     raise RuntimeError(f"the cluster did not reach {count} nodes in {seconds:.0f} s")
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it (a node's raylet, its workers and
-    actors are children of the process that started the node)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
-
-
 def test_a_gpu_actor_on_a_node_without_cuda_stops_the_run_naming_the_node(
     two_nodes: tuple[RayHead, subprocess.Popen], tmp_path: Path, teacher_checkpoint: str
 ) -> None:
@@ -266,7 +251,7 @@ def test_a_submitted_run_spreads_over_both_nodes_and_survives_losing_one(
         if on_second and killed_after is None:
             # the second node is gone mid-run, as a lost machine is: its raylet alone
             # would not do (an actor outlives its raylet and keeps taking shards)
-            for pid in process_tree(second.pid):
+            for pid in [second.pid, *descendants(second.pid)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             killed_after = len(sidecars(run))

@@ -22,6 +22,7 @@ from evaluation_support import (
     write_sized_shards,
     write_test_folder,
 )
+from ray_head import parent
 
 from pipeline.cli.main import main
 
@@ -170,13 +171,6 @@ def is_train_worker(pid: int) -> bool:
         return b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-
-
-def parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def descends_from(pid: int, ancestor: int) -> bool:

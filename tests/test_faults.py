@@ -32,6 +32,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from ray_head import descendants
 from tests_support import config_dict
 
 from pipeline.cli.main import main
@@ -234,32 +235,11 @@ def test_a_corrupted_shard_is_named_by_inspect_and_by_the_loader(
 # --- processes of this test (never anyone else's on the machine)
 
 
-def parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def command_line(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def descendants(root: int) -> list[int]:
-    """Every living process below ``root``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            children.setdefault(parent(int(entry)), []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def busy_actors() -> list[int]:
