@@ -87,3 +87,23 @@ def test_verifier_section_is_validated(make_config, field: str) -> None:
     bad = {"arch": "resnet20", "checkpoint": "x.pt", field: 3}
     with pytest.raises(InputError, match=f"filter.verifier.{field}: expected a string"):
         make_config(filter={"verifier": bad})
+
+
+def test_with_the_filter_off_a_sample_stores_its_labels_probability(
+    make_config, tmp_path: Path
+) -> None:
+    """A teacher that puts every image in class 0: class 1's samples are stored (filter
+    off) with the teacher's low probability of class 1, not the high one of class 0."""
+    config = make_config(
+        teacher={"checkpoint": always(0, tmp_path / "zero.pt")},
+        synthesizer={"name": "deepinversion", "iterations": 2},
+        plan={"num_images": 8, "batch_size": 8, "shard_size": 8, "classes": [0, 1]},
+        filter={"enabled": False},
+    )
+    run_job(config)
+    sidecar = json.loads((tmp_path / "out" / "test" / "shards" / "train-000000.json").read_text())
+    confidence = {label: [] for label in (0, 1)}
+    for _key, label, value, _seed in sidecar["index"]:
+        confidence[label].append(value)
+    assert len(confidence[0]) == len(confidence[1]) == 4
+    assert min(confidence[0]) > 0.9 and max(confidence[1]) < 0.1

@@ -172,7 +172,9 @@ class ShardWorker:
     ) -> None:
         """Give each open slot an accepted image of its row (class, or seed image)."""
         images = (result.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        confidence = result.probs.max(dim=1).values
+        # the teacher's probability of the sample's label (its top one whenever the filter
+        # is on; with the filter off an image the teacher puts elsewhere says so)
+        confidence = result.probs.gather(1, result.labels.view(-1, 1)).squeeze(1)
         logits = result.logits.float().numpy()
         candidates: dict[int, list[int]] = {}
         for j in torch.nonzero(keep).flatten().tolist():
