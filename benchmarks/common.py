@@ -59,18 +59,21 @@ def local_ray(prefix: str, num_cpus: int | None = None) -> Iterator[None]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def predict(teacher: Any, images: Any) -> list[int]:
-    """The class each uint8 image (N, 3, H, W) gets from ``teacher`` (a loaded teacher)."""
+def teacher_logits(teacher: Any, images: Any) -> Any:
+    """``teacher``'s (a loaded teacher) logits (N, classes) on uint8 or [0, 1] images
+    (N, 3, H, W), in chunks of 256."""
     import torch
 
     from pipeline.models.accuracy import normalise
 
-    out: list[int] = []
+    mean, std = teacher.config.mean, teacher.config.std
     with torch.no_grad():
-        for chunk in images.split(256):
-            logits = teacher.model(normalise(chunk, teacher.config.mean, teacher.config.std))
-            out += logits.argmax(1).tolist()
-    return out
+        return torch.cat([teacher.model(normalise(b, mean, std)) for b in images.split(256)])
+
+
+def predict(teacher: Any, images: Any) -> list[int]:
+    """The class each uint8 image (N, 3, H, W) gets from ``teacher`` (a loaded teacher)."""
+    return teacher_logits(teacher, images).argmax(1).tolist()
 
 
 def recognised_training_images(

@@ -42,7 +42,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import CIFAR, RESNET20, RESNET56, cpu_name, local_ray, recognised_training_images
+from common import (
+    CIFAR,
+    RESNET20,
+    RESNET56,
+    cpu_name,
+    local_ray,
+    recognised_training_images,
+    teacher_logits,
+)
 
 from evaluation.config import parse_eval_config
 from evaluation.fidelity import fd_name, run_fidelity
@@ -54,7 +62,6 @@ from pipeline.errors import InputError
 from pipeline.graph import run_job
 from pipeline.io.images import contact_sheet, open_image_folder
 from pipeline.io.shards import Sample, ShardStore, Sidecar, shard_name
-from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import load_teacher
 
 TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
@@ -151,9 +158,7 @@ def write_images(
 ) -> None:
     """uint8 (N, 3, H, W) images as shards with the teacher's logits (a real/noise row);
     ``labels`` None: the teacher's own answers (from the same forward pass)."""
-    mean, std = teacher.config.mean, teacher.config.std
-    with torch.no_grad():
-        logits = torch.cat([teacher.model(normalise(b, mean, std)) for b in images.split(256)])
+    logits = teacher_logits(teacher, images)
     if labels is None:
         labels = logits.argmax(1)
     confidence = logits.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
@@ -189,13 +194,27 @@ def make_source(row: str, args: argparse.Namespace, work: Path, teacher) -> dict
         return {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
     started = time.perf_counter()
     run_job(parse_config(method_config(row, args, work, teacher)))
-    wall = time.perf_counter() - started
+    return synthesis_facts(run, round(time.perf_counter() - started, 1))
+
+
+def synthesis_facts(run: Path, wall: float | None) -> dict[str, Any]:
+    """A method row's run folder and synthesis CPU-seconds (its sidecars' sum)."""
     sidecars = [Sidecar.load(str(p)) for p in sorted((run / "shards").glob("*.json"))]
-    return {
-        "run": str(run),
-        "synthesis_cpu_seconds": round(sum(s.synthesis_seconds or 0 for s in sidecars), 1),
-        "wall_seconds": round(wall, 1),
-    }
+    cpu = sum(s.synthesis_seconds or 0 for s in sidecars)
+    return {"run": str(run), "synthesis_cpu_seconds": round(cpu, 1), "wall_seconds": wall}
+
+
+def remeasure(row: str, record: dict[str, Any], args: argparse.Namespace, work: Path, teacher):
+    """Measure a finished row again from its shards (after a change to ``measure``),
+    keeping its KD results."""
+    entry = record["rows"][row]
+    run = run_folder(row, work)
+    if row in ("real", "noise"):
+        facts = {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
+    else:
+        facts = synthesis_facts(run, entry["synthesis_wall_seconds"])
+    fresh = measure(row, facts, args, work, teacher)
+    record["rows"][row] = {**fresh, **{k: v for k, v in entry.items() if k.startswith("kd_")}}
 
 
 def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Path) -> dict:
@@ -214,18 +233,24 @@ def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Pat
     }
 
 
-def measure(row: str, facts: dict[str, Any], args: argparse.Namespace, work: Path) -> dict:
+def accepted_by(teacher: Any, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Images the pipeline's filter would keep as stored: the teacher's probability of the
+    label >= 0.5 (then also its argmax), on the 8-bit images."""
+    probs = teacher_logits(teacher, images).softmax(1)
+    return int((probs.gather(1, labels.view(-1, 1)) >= 0.5).sum())
+
+
+def measure(
+    row: str, facts: dict[str, Any], args: argparse.Namespace, work: Path, teacher: Any
+) -> dict:
     """Accept rate, judge agreement, FD / precision / recall and a contact sheet."""
     run = facts["run"]
     config = parse_eval_config(eval_data(run, args, f"{Path(run).name}-fidelity", 0, work / "eval"))
     fidelity = run_fidelity(config)
     judge = fidelity["networks"][0]
-    sidecars = [Sidecar.load(str(p)) for p in sorted(Path(run, "shards").glob("*.json"))]
-    confidences = [entry[2] for s in sidecars for entry in s.index]
-    images = sum(s.samples for s in sidecars)
-    accepted = sum(c >= 0.5 for c in confidences)  # stored confidence is the label's
     cpu = facts["synthesis_cpu_seconds"]
     images_u8, labels = load_all(resolve_shards(f"{run}/shards"))
+    images, accepted = len(labels), accepted_by(teacher, images_u8, labels)
     rows = [
         [image.permute(1, 2, 0).numpy() for image in images_u8[labels == c][:8]] for c in range(10)
     ]
@@ -322,8 +347,9 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--rows",
-        default=",".join(ROWS),
-        help="comma-separated rows; METHOD@ITERATIONS is a time-to-quality point",
+        default=None,
+        help="comma-separated rows; METHOD@ITERATIONS is a time-to-quality point "
+        "(default: every row, or none with --remeasure)",
     )
     parser.add_argument("--images", type=int, default=1040, help="N per row (10 classes)")
     parser.add_argument("--iterations", type=int, default=200)
@@ -335,6 +361,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--gpu", action="store_true", help="GPUs for synthesis and KD")
+    parser.add_argument(
+        "--remeasure",
+        default="",
+        help="comma-separated finished rows to measure again from their shards (KD kept)",
+    )
     parser.add_argument("--full", action="store_true", help="paper scale: 50,000 images, ...")
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--results", default="benchmarks/results/quality-ladder.json")
@@ -342,7 +373,9 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
-    rows = args.rows.split(",")
+    if args.rows is None:
+        args.rows = "" if args.remeasure else ",".join(ROWS)
+    rows = [r for r in f"{args.rows},{args.remeasure}".split(",") if r]
     unknown = {r for r in rows if not valid_row(r)}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
@@ -377,15 +410,21 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/quality_ladder.py", *sys.argv[1:]]),
     }
-    rows = args.rows.split(",")
+    rows = [r for r in args.rows.split(",") if r]
     with local_ray("ladder"):
         teacher = load_teacher(TeacherConfig(**TEACHER))
+        for row in filter(None, args.remeasure.split(",")):
+            if row not in record["rows"]:
+                raise InputError(f"--remeasure {row}: the row has not been measured yet")
+            remeasure(row, record, args, work, teacher)
+            save(record, args)
+            print(json.dumps({"remeasured": row, "accept": record["rows"][row]["accept_rate"]}))
         for seed in range(args.seeds):
             for row in rows:
                 entry = record["rows"].get(row)
                 if entry is None or entry["images"] != args.images:
                     facts = make_source(row, args, work, teacher)
-                    entry = record["rows"][row] = measure(row, facts, args, work)
+                    entry = record["rows"][row] = measure(row, facts, args, work, teacher)
                     save(record, args)
                     print(json.dumps({k: v for k, v in entry.items() if "kd" not in k}), flush=True)
                 if len(entry["kd_top1"]) > seed:
