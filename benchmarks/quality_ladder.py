@@ -411,11 +411,13 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/quality_ladder.py", *sys.argv[1:]]),
     }
     rows = [r for r in args.rows.split(",") if r]
+    again = [r for r in args.remeasure.split(",") if r]
+    for row in again:
+        if row not in record["rows"]:
+            raise InputError(f"--remeasure {row}: {results} has no such row yet")
     with local_ray("ladder"):
         teacher = load_teacher(TeacherConfig(**TEACHER))
-        for row in filter(None, args.remeasure.split(",")):
-            if row not in record["rows"]:
-                raise InputError(f"--remeasure {row}: the row has not been measured yet")
+        for row in again:
             remeasure(row, record, args, work, teacher)
             save(record, args)
             print(json.dumps({"remeasured": row, "accept": record["rows"][row]["accept_rate"]}))

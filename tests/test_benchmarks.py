@@ -45,3 +45,18 @@ def test_ladder_refuses_a_curve_point_it_cannot_run(row: str) -> None:
     )
     assert done.returncode == 2
     assert f"unknown rows ['{row}']" in done.stderr  # the valid point is not named
+
+
+def test_ladder_remeasures_only_a_row_it_has(tmp_path: Path) -> None:
+    script = BENCHMARKS / "quality_ladder.py"
+    results = tmp_path / "ladder.json"
+    results.write_text('{"protocol": {}, "rows": {"real": {}}}')
+    done = subprocess.run(
+        [sys.executable, str(script), "--remeasure", "noise", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"--remeasure noise: {results} has no such row yet" in done.stderr
+    assert "Traceback" not in done.stderr
