@@ -93,7 +93,8 @@ def main() -> None:
         f"{args.images} images in one batch, labels 0–9 in turn, seed 0; {record['device']}; "
         f"accepted = teacher confidence ≥ 0.5 and argmax = label on the 8-bit image.\n"
         f"Command: `python benchmarks/convergence.py --images {args.images} "
-        f"--iterations {args.iterations} --every {args.every}`\n",
+        f"--iterations {args.iterations} --every {args.every} --teachers {args.teachers}"
+        + (f" --variants {args.variants}`\n" if args.variants else "`\n"),
         "| iterations | " + " | ".join(record["runs"]) + " |",
         "|---:|" + "---:|" * len(record["runs"]),
     ]
