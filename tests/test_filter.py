@@ -93,14 +93,19 @@ def test_with_the_filter_off_a_sample_stores_its_labels_probability(
     make_config, tmp_path: Path
 ) -> None:
     """A teacher that puts every image in class 0: class 1's samples are stored (filter
-    off) with the teacher's low probability of class 1, not the high one of class 0."""
+    off) with the teacher's low probability of class 1, not the high one of class 0, and
+    the accept rates say what the filter would have kept."""
     config = make_config(
         teacher={"checkpoint": always(0, tmp_path / "zero.pt")},
         synthesizer={"name": "deepinversion", "iterations": 2},
         plan={"num_images": 8, "batch_size": 8, "shard_size": 8, "classes": [0, 1]},
         filter={"enabled": False},
     )
-    run_job(config)
+    manifest = run_job(config)
+    per_class = manifest["totals"]["per_class"]
+    assert per_class["0"]["written"] == per_class["1"]["written"] == 4  # every image kept
+    assert (per_class["0"]["accept_rate"], per_class["1"]["accept_rate"]) == (1.0, 0.0)
+    assert "failing_classes" not in manifest["totals"]
     sidecar = json.loads((tmp_path / "out" / "test" / "shards" / "train-000000.json").read_text())
     confidence = {label: [] for label in (0, 1)}
     for _key, label, value, _seed in sidecar["index"]:

@@ -44,10 +44,19 @@ class BatchOutcome:
 def accepted(
     result: SynthesisResult, config: FilterConfig, verifier: Teacher | None = None
 ) -> torch.Tensor:
-    """(B,) bool: teacher confidence >= τ and argmax == target, and the verifier's argmax
-    == target when one is configured (all, when the filter is disabled)."""
+    """(B,) bool: the images a run keeps: those that :func:`pass_filter` (all, when the
+    filter is disabled)."""
     if not config.enabled:
         return torch.ones(len(result.labels), dtype=torch.bool)
+    return pass_filter(result, config, verifier)
+
+
+def pass_filter(
+    result: SynthesisResult, config: FilterConfig, verifier: Teacher | None = None
+) -> torch.Tensor:
+    """(B,) bool: teacher confidence >= τ and argmax == target, and the verifier's argmax
+    == target when one is configured (measured even when the filter is disabled, so that
+    accept rates say what the teacher thinks of every run's images)."""
     confidence, predicted = result.probs.max(dim=1)
     keep = (confidence >= config.min_confidence) & (predicted == result.labels)
     if verifier is not None:
@@ -150,7 +159,8 @@ class ShardWorker:
                 continue
             keep = accepted(result, filter_config, self.verifier)
             self.synthesizer.after_batch(result, keep)  # ADI distils its student here
-            outcome.passed.update(result.labels[keep].tolist())
+            passed = keep if filter_config.enabled else pass_filter(result, filter_config)
+            outcome.passed.update(result.labels[passed].tolist())
             self._fill(
                 task, outcome, rows, offset, open_slots, result, keep, target_rows, seed, attempt
             )
