@@ -36,10 +36,20 @@ def test_the_card_describes_the_run(finished_run: dict) -> None:
     assert finished_run["teacher_digest"] in card and "`resnet20`" in card
     assert "`deepinversion`" in card and "iterations: 2" in card  # method and settings
     assert "40 images in 3 shards" in card
-    # per class: images, synthesized, the filter's accept rate (off here: all accepted)
+    # per class: images, synthesized, the filter's accept rate (off here: every image is
+    # kept, and the rate counts those the filter would have kept: the label's stored
+    # confidence >= τ, which for this untrained teacher is not all of them)
     entry = finished_run["totals"]["per_class"]["0"]
-    assert entry["synthesized"] == 4 and entry["accept_rate"] == 1.0
-    assert "| 0 | 4 | 4 | 100.0% |" in card
+    confidences = [
+        value
+        for path in sorted((run / "shards").glob("*.json"))
+        for _key, label, value, _seed in json.loads(path.read_text())["index"]
+        if label == 0
+    ]
+    assert entry["synthesized"] == entry["written"] == len(confidences) == 4
+    assert entry["passed"] == sum(c >= 0.5 for c in confidences)
+    assert entry["accept_rate"] == entry["passed"] / 4
+    assert f"| 0 | 4 | 4 | {100 * entry['accept_rate']:.1f}% |" in card
     assert "![preview: one row per class](preview.png)" in card
     for reader in (
         "wds.WebDataset(",
