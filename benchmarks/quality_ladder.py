@@ -310,7 +310,8 @@ def table(record: dict[str, Any]) -> str:
         f" (test top-1 {protocol.get('teacher_top1', '?')}), student {protocol['student']}, "
         f"KD {protocol['epochs']} epochs, batch {protocol['batch_size']}, "
         f"{protocol['test_images']} test images; {protocol['iterations']} synthesis iterations; "
-        f"judge: {protocol['judge']}. Command: `{protocol['command']}`.",
+        f"judge: {protocol['judge']}. Rows and seeds accumulate over resumed runs; the "
+        f"latest: `{protocol['command']}`.",
         "",
         "| source | images | KD top-1 (final, per seed) | mean | fraction of real "
         "| best epoch top-1 | accept rate | judge agreement | FD (ResNet-20) | precision "
