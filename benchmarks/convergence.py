@@ -25,8 +25,9 @@ import common  # noqa: F401  (paths and environment first)
 import torch
 from common import RESNET20, RESNET56, cpu_name
 
-from pipeline.config import TeacherConfig
+from pipeline.config import FilterConfig, TeacherConfig
 from pipeline.models.teachers import load_teacher
+from pipeline.stages.synthesis import pass_filter
 from synthesizers import SynthesisSpec
 from synthesizers.deepinversion import DeepInversion, DeepInversionConfig
 
@@ -52,7 +53,7 @@ def curve(run: str, args: argparse.Namespace) -> dict:
     spec = SynthesisSpec(labels, (3, 32, 32), 0, mean, std, min_confidence=0.5)
     load = os.getloadavg()[0]
     result = synth.synthesize(spec)
-    final = result.probs.gather(1, labels.view(-1, 1)).squeeze(1) >= 0.5
+    final = pass_filter(result, FilterConfig(min_confidence=0.5))  # the pipeline's rule
     return {
         "accepted": [[c["iteration"], round(c["accepted"], 3)] for c in result.checks]
         + [[result.iterations, round(float(final.float().mean()), 3)]],
@@ -98,8 +99,9 @@ def main() -> None:
         "| iterations | " + " | ".join(record["runs"]) + " |",
         "|---:|" + "---:|" * len(record["runs"]),
     ]
+    curves = [dict(map(tuple, run["accepted"])) for run in record["runs"].values()]
     for i in iterations:
-        cells = [dict(map(tuple, run["accepted"])).get(i) for run in record["runs"].values()]
+        cells = [curve.get(i) for curve in curves]
         shown = ["–" if c is None else f"{c:.0%}" for c in cells]
         lines.append(f"| {i} | " + " | ".join(shown) + " |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -191,14 +191,15 @@ def make_source(row: str, args: argparse.Namespace, work: Path, teacher) -> dict
                 images = torch.randint(0, 256, size, generator=generator, dtype=torch.uint8)
                 labels = None  # the teacher's answers
             write_images(run, images, labels, teacher, row)
-        return {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
+        return synthesis_facts(run, None)
     started = time.perf_counter()
     run_job(parse_config(method_config(row, args, work, teacher)))
     return synthesis_facts(run, round(time.perf_counter() - started, 1))
 
 
 def synthesis_facts(run: Path, wall: float | None) -> dict[str, Any]:
-    """A method row's run folder and synthesis CPU-seconds (its sidecars' sum)."""
+    """A row's run folder and synthesis CPU-seconds (its sidecars' sum: 0 for real and
+    noise, whose shards record none)."""
     sidecars = [Sidecar.load(str(p)) for p in sorted((run / "shards").glob("*.json"))]
     cpu = sum(s.synthesis_seconds or 0 for s in sidecars)
     return {"run": str(run), "synthesis_cpu_seconds": round(cpu, 1), "wall_seconds": wall}
@@ -208,11 +209,7 @@ def remeasure(row: str, record: dict[str, Any], args: argparse.Namespace, work: 
     """Measure a finished row again from its shards (after a change to ``measure``),
     keeping its KD results."""
     entry = record["rows"][row]
-    run = run_folder(row, work)
-    if row in ("real", "noise"):
-        facts = {"run": str(run), "synthesis_cpu_seconds": None, "wall_seconds": None}
-    else:
-        facts = synthesis_facts(run, entry["synthesis_wall_seconds"])
+    facts = synthesis_facts(run_folder(row, work), entry["synthesis_wall_seconds"])
     fresh = measure(row, facts, args, work, teacher)
     record["rows"][row] = {**fresh, **{k: v for k, v in entry.items() if k.startswith("kd_")}}
 
@@ -376,8 +373,9 @@ def arguments() -> argparse.Namespace:
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
     if args.rows is None:
         args.rows = "" if args.remeasure else ",".join(ROWS)
-    rows = [r for r in f"{args.rows},{args.remeasure}".split(",") if r]
-    unknown = {r for r in rows if not valid_row(r)}
+    args.rows = [r for r in args.rows.split(",") if r]
+    args.remeasure = [r for r in args.remeasure.split(",") if r]
+    unknown = {r for r in args.rows + args.remeasure if not valid_row(r)}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
     if args.images % 10:
@@ -411,19 +409,17 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/quality_ladder.py", *sys.argv[1:]]),
     }
-    rows = [r for r in args.rows.split(",") if r]
-    again = [r for r in args.remeasure.split(",") if r]
-    for row in again:
+    for row in args.remeasure:
         if row not in record["rows"]:
             raise InputError(f"--remeasure {row}: {results} has no such row yet")
     with local_ray("ladder"):
         teacher = load_teacher(TeacherConfig(**TEACHER))
-        for row in again:
+        for row in args.remeasure:
             remeasure(row, record, args, work, teacher)
             save(record, args)
             print(json.dumps({"remeasured": row, "accept": record["rows"][row]["accept_rate"]}))
         for seed in range(args.seeds):
-            for row in rows:
+            for row in args.rows:
                 entry = record["rows"].get(row)
                 if entry is None or entry["images"] != args.images:
                     facts = make_source(row, args, work, teacher)

@@ -34,27 +34,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import cpu_name, teacher_logits
+from common import cpu_name
 from quality_ladder import TEACHER, run_folder
 
+from evaluation.fidelity import logits_and_features
 from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
 from pipeline.config import TeacherConfig
 from pipeline.models.teachers import load_teacher
 
 MEASURES = ["teacher_agreement", "confidence", "entropy_t5", "dark_knowledge_js", "feature_spread"]
-
-
-def teacher_outputs(teacher: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and penultimate features (the input of the last linear layer)."""
-    last = [m for m in teacher.model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    features: list[torch.Tensor] = []
-    hook = last.register_forward_hook(lambda _m, inputs, _o: features.append(inputs[0]))
-    try:
-        logits = teacher_logits(teacher, images)
-    finally:
-        hook.remove()
-    return logits, torch.cat(features)
 
 
 def other_classes(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -94,7 +83,8 @@ def spread(features: torch.Tensor, labels: torch.Tensor) -> float:
 
 def describe(teacher: Any, shards: str) -> tuple[dict[str, float], torch.Tensor, float]:
     images, labels = load_all(resolve_shards(shards))
-    logits, features = teacher_outputs(teacher, images)
+    mean, std = teacher.config.mean, teacher.config.std
+    logits, features = logits_and_features(teacher.model, images, mean, std)
     probs1, probs5 = logits.softmax(1), (logits / 5).softmax(1)
     entropy = -(probs5 * probs5.clamp_min(1e-12).log()).sum(1) / math.log(10)
     facts = {
