@@ -10,7 +10,9 @@ workers); top-1 on all 10,000 CIFAR-10 (JPEG) test images. Rows:
 * every method, N images each at the same iteration count: deepinversion (CIFAR preset),
   adi, class-conditional (scenario A: statistics of training images; ``-C``: one image per
   class), impression (class codes from the metadata stage), natural-inversion, imagine
-  (one real seed image per class, ``metadata.scenario: seeds``).
+  (one real seed image per class, ``metadata.scenario: seeds``), and
+  class-conditional-per-image (scenario A's source images, each its own row of statistics:
+  ``metadata.scenario: seeds``).
 
 Per row: KD top-1 per seed (final, and the best evaluated epoch), their mean, the fraction
 of real at equal N, the teacher accept rate (confidence >= 0.5 and argmax = label, filter
@@ -77,6 +79,7 @@ ROWS = [
     "impression",
     "class-conditional-C",
     "imagine",
+    "class-conditional-per-image",
 ]
 
 
@@ -103,7 +106,8 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
     per_class = args.images // 10
     name = row
     row, iterations = split_row(row, args.iterations)
-    synthesizer: dict[str, Any] = {"name": row.removesuffix("-C"), "iterations": iterations}
+    method = "class-conditional" if row.startswith("class-conditional") else row
+    synthesizer: dict[str, Any] = {"name": method, "iterations": iterations}
     metadata: dict[str, Any] | None = None
     plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
     if row.startswith("class-conditional"):
@@ -113,6 +117,9 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
     elif row == "class-conditional-C":
         folder = seed_folder(work, classes=True, teacher=teacher)
         metadata = {"source": str(folder), "scenario": "C"}
+    elif row == "class-conditional-per-image":
+        folder = per_image_folder(work, args.statistics_per_class)
+        metadata = {"source": str(folder), "scenario": "seeds"}  # a row per image
     elif row == "imagine":
         folder = seed_folder(work, classes=False, teacher=teacher)
         metadata = {"source": str(folder), "scenario": "seeds", "variations": per_class}
@@ -149,6 +156,25 @@ def seed_folder(work: Path, classes: bool, teacher: Any) -> Path:
         target, file = (partial / name, "seed.jpg") if classes else (partial, f"{name}.jpg")
         target.mkdir(parents=True, exist_ok=True)
         (target / file).write_bytes(folder.read(paths[0]))
+    partial.rename(root)
+    return root
+
+
+def per_image_folder(work: Path, per_class: int) -> Path:
+    """Scenario A's source images (the first ``per_class`` training images of each class)
+    as one flat folder, named so that the classes take turns (a batch of the plan's
+    rows holds every class)."""
+    root = work / f"per-image-{per_class}"
+    if root.exists():
+        return root
+    folder = open_image_folder(TRAIN).subset(per_class)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    rank: dict[int, int] = {}
+    for path, label in folder.files:
+        rank[label] = rank.get(label, 0) + 1
+        (partial / f"{rank[label]:05d}-{label:02d}.jpg").write_bytes(folder.read(path))
     partial.rename(root)
     return root
 

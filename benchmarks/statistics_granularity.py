@@ -1,0 +1,258 @@
+"""Class-conditional inversion against the granularity of its statistics.
+
+The quality ladder's best method (class-conditional, scenario A) trails real images on
+coverage: an independent network's recall against real images is about half of real's.
+One matched target per class lets every image of the class settle into the same few
+modes. This benchmark splits each class's source images into groups of ``g`` images and
+matches each group's statistics (a metadata row per group, labelled with its class), from
+``g`` = all of them (scenario A) down to ``g`` = 1 (one row per source image).
+
+Source: the first ``--per-class`` CIFAR-10 (JPEG) training images of each class (the
+ladder's metadata source). Reference for choices: the next ``--held-out`` training images
+of each class, which no variant reads (never test images). Per variant: ``--images``
+images (class-balanced; sample j of a class targets that class's group j mod G), the
+ladder's class-conditional settings (lr 0.1, ``--iterations``), seed 0. Reported: the
+teacher's accept rate (label probability >= 0.5 on the 8-bit image), the independent
+shared ResNet-20's agreement, precision / recall (k = 3) and Fréchet distance in its
+features against the held-out images, its within-class feature spread, the metadata
+size (floats per source image), and how close images sit to their own source images
+(judge-feature distance to the nearest source image over that to the nearest held-out
+image; below 1: nearer the source than unseen images of the class). Real rows (the
+source images themselves) give the ceiling. Resumable per variant.
+
+    python benchmarks/statistics_granularity.py [--groups 100,10,1] [--images 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import common  # noqa: F401  (paths and environment first)
+import torch
+from common import CIFAR, RESNET20, RESNET56, cpu_name, teacher_logits
+
+from evaluation.fidelity import diversity, frechet_distance, logits_and_features, precision_recall
+from pipeline.config import TeacherConfig
+from pipeline.io.images import ImageFolder, open_image_folder
+from pipeline.models.accuracy import normalise
+from pipeline.models.teachers import load_teacher
+from synthesizers import SynthesisSpec
+from synthesizers.class_conditional import ClassConditional, ClassConditionalConfig
+from synthesizers.hooks import capture_statistics
+
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def per_image_statistics(teacher, config: ClassConditionalConfig, images: torch.Tensor):
+    """Each image's channel mean and variance at every matched layer: name -> (N, C) x 2."""
+    layers, side = ClassConditional.statistics_layers(teacher.model, config)
+    means: dict[str, list] = {name: [] for name, _ in layers}
+    variances: dict[str, list] = {name: [] for name, _ in layers}
+    with torch.no_grad(), capture_statistics(layers, side) as records:
+        for chunk in images.split(250):
+            teacher.model(normalise(chunk, teacher.config.mean, teacher.config.std))
+            for record in records:
+                mean, var = record.sample
+                means[record.name].append(mean.double())
+                variances[record.name].append(var.double())
+    return {name: (torch.cat(means[name]), torch.cat(variances[name])) for name in means}
+
+
+def group_statistics(
+    per_image: Statistics, labels: torch.Tensor, size: int
+) -> tuple[Statistics, list[int]]:
+    """Rows of ``size`` consecutive images of one class (the last may be smaller): each
+    row's pooled mean and variance (the images' variances plus the spread of their means),
+    and the class of each row."""
+    members: list[torch.Tensor] = []
+    for label in labels.unique().tolist():
+        index = (labels == label).nonzero().flatten()
+        members += list(index.split(size))
+    statistics = {}
+    for name, (mean, var) in per_image.items():
+        pooled_mean = torch.stack([mean[m].mean(0) for m in members])
+        second = torch.stack([(var[m] + mean[m] ** 2).mean(0) for m in members])
+        statistics[name] = (pooled_mean.float(), (second - pooled_mean**2).clamp_min(0).float())
+    return statistics, [int(labels[m[0]]) for m in members]
+
+
+def target_rows(row_labels: list[int], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced labels for ``count`` images; sample j of a class targets the class's
+    row j mod (its rows)."""
+    by_class: dict[int, list[int]] = {}
+    for row, label in enumerate(row_labels):
+        by_class.setdefault(label, []).append(row)
+    classes = sorted(by_class)
+    labels = [classes[i % len(classes)] for i in range(count)]
+    rows = [by_class[c][i // len(classes) % len(by_class[c])] for i, c in enumerate(labels)]
+    return torch.tensor(labels), torch.tensor(rows)
+
+
+def judge_measures(judge, images: torch.Tensor, labels: torch.Tensor, reference, source):
+    """Agreement, precision/recall and FD against the held-out images, spread, and the
+    nearest-source ratio (all in the judge's penultimate features)."""
+    logits, features = logits_and_features(judge.model, images, judge.config.mean, judge.config.std)
+    held_out, source_features = reference, source
+    nearest_source = torch.cdist(features, source_features).min(1).values
+    nearest_held_out = torch.cdist(features, held_out).min(1).values
+    return {
+        "judge_agreement": round(float((logits.argmax(1) == labels).double().mean()), 4),
+        **{
+            k: round(v, 4) if isinstance(v, float) else v
+            for k, v in precision_recall(held_out.float(), features.float(), 3).items()
+        },
+        "fd_resnet20": round(frechet_distance(features, held_out), 2),
+        "spread": round(diversity(features.float(), labels), 3),
+        "nearest_source_ratio": round(float((nearest_source / nearest_held_out).median()), 3),
+    }
+
+
+def run_variant(variant: str, args, teacher, judge, data) -> dict:
+    size, _, batch_text = variant.partition(":")
+    size, batch = int(size), int(batch_text or args.batch)
+    config = ClassConditionalConfig(iterations=args.iterations, lr=args.lr)
+    statistics, row_labels = group_statistics(data["per_image"], data["source_labels"], size)
+    labels, rows = target_rows(row_labels, args.images)
+    synthesizer = ClassConditional(teacher.model, config, "cpu")
+    images, seconds, load = [], 0.0, os.getloadavg()[0]
+    for start in range(0, args.images, batch):
+        stop = start + batch
+        spec = SynthesisSpec(
+            labels[start:stop],
+            (3, 32, 32),
+            seed=start,
+            mean=teacher.config.mean,
+            std=teacher.config.std,
+            guidance={"class_statistics": statistics, "statistics_index": rows[start:stop]},
+        )
+        result = synthesizer.synthesize(spec)
+        images.append(result.images)
+        seconds += result.seconds
+    stored = (torch.cat(images) * 255).round().to(torch.uint8)
+    probs = teacher_logits(teacher, stored).softmax(1)
+    floats = sum(mean.numel() + var.numel() for mean, var in statistics.values())
+    return {
+        "group_size": size,
+        "batch": batch,
+        "rows": len(row_labels),
+        "metadata_floats_per_source_image": round(floats / len(data["source_labels"]), 1),
+        "accept_rate": round(float((probs.gather(1, labels[:, None]) >= 0.5).double().mean()), 4),
+        **judge_measures(judge, stored, labels, data["held_out"], data["source_features"]),
+        "seconds_per_image": round(seconds / args.images, 3),
+        "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--groups", default="100,10,1", help="source images per row[:synthesis batch]"
+    )
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--held-out", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/cpu-statistics-granularity.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    teacher = load_teacher(TeacherConfig(arch="resnet56", checkpoint=str(RESNET56)))
+    judge = load_teacher(TeacherConfig(arch="resnet20", checkpoint=str(RESNET20)))
+    folder = open_image_folder(f"{CIFAR}/cifar10-jpeg/train")
+    source = set(folder.subset(args.per_class).files)
+    source_images, source_labels = folder.subset(args.per_class).load(32)
+    wider = folder.subset(args.per_class + args.held_out)
+    held_files = [f for f in wider.files if f not in source]
+    held_images, _ = ImageFolder(wider.url, wider.classes, held_files, wider.blobs).load(32)
+    judge_features = [
+        logits_and_features(judge.model, x, judge.config.mean, judge.config.std)[1]
+        for x in (held_images, source_images)
+    ]
+    data = {
+        "per_image": per_image_statistics(teacher, ClassConditionalConfig(), source_images),
+        "source_labels": source_labels,
+        "held_out": judge_features[0],
+        "source_features": judge_features[1],
+    }
+    settings = {k: getattr(args, k) for k in ("images", "batch", "iterations", "lr", "per_class")}
+    settings["held_out"] = args.held_out
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("settings") != settings:
+        record = {"settings": settings, "variants": {}}
+    record.update(device=f"{args.threads} thread(s), {cpu_name()}", torch=torch.__version__)
+    if "real" not in record["variants"]:  # the source images themselves, class-balanced
+        order = torch.argsort(torch.arange(len(source_labels)) % args.per_class, stable=True)
+        pick = order[: args.images]
+        record["variants"]["real"] = {
+            "group_size": None,
+            "accept_rate": round(
+                float(
+                    (
+                        teacher_logits(teacher, source_images[pick])
+                        .softmax(1)
+                        .gather(1, source_labels[pick][:, None])
+                        >= 0.5
+                    )
+                    .double()
+                    .mean()
+                ),
+                4,
+            ),
+            **judge_measures(judge, source_images[pick], source_labels[pick], *judge_features),
+        }
+    for variant in args.groups.split(","):
+        name = "g" + variant.replace(":", "-b")
+        if name not in record["variants"]:
+            started = time.perf_counter()
+            record["variants"][name] = run_variant(variant, args, teacher, judge, data)
+            record["variants"][name]["wall_seconds"] = round(time.perf_counter() - started, 1)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+        print(name, json.dumps(record["variants"][name]), flush=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_table(path, record, args)
+
+
+def write_table(path: Path, record: dict, args) -> None:
+    columns = [
+        "rows",
+        "batch",
+        "metadata_floats_per_source_image",
+        "accept_rate",
+        "judge_agreement",
+        "precision",
+        "recall",
+        "fd_resnet20",
+        "spread",
+        "nearest_source_ratio",
+        "seconds_per_image",
+    ]
+    lines = [
+        "# Class-conditional inversion against the granularity of its statistics\n",
+        f"{args.images} images per variant, {args.iterations} iterations, lr {args.lr}, "
+        f"batch {args.batch}, seed 0; source: the first {args.per_class} training images per "
+        f"class; reference: the next {args.held_out} per class (held out, not test images); "
+        f"{record['device']}.\nCommand: `python benchmarks/statistics_granularity.py "
+        f"--groups {args.groups} --images {args.images}`\n",
+        "| variant | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for name, row in record["variants"].items():
+        cells = [row.get(c, "–") for c in columns]
+        lines.append(
+            f"| {name} | " + " | ".join("–" if c is None else str(c) for c in cells) + " |"
+        )
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
