@@ -43,6 +43,42 @@ def test_plan_is_class_balanced_and_seeded_per_shard(make_config) -> None:
     assert make_plan(config) == plan  # a pure function of the config
 
 
+def test_by_class_batching_puts_one_class_in_each_batch_and_keeps_the_balance(
+    make_config,
+) -> None:
+    plan = {"num_images": 50, "shard_size": 20, "batch_size": 4, "classes": [2, 5, 7]}
+    mixed = make_plan(make_config(plan=plan))
+    by_class = make_plan(make_config(plan={**plan, "batching": "by_class"}))
+    for a, b in zip(mixed, by_class, strict=True):
+        assert sorted(a.labels) == list(b.labels) and a.seed == b.seed
+    batches = by_class[0].batches()  # 7, 7, 6 slots of classes 2, 5, 7
+    assert [len(batch) for batch in batches] == [4, 3, 4, 3, 4, 2]
+    assert all(len(set(batch)) == 1 for task in by_class for batch in task.batches())
+    assert by_class[0].spans()[:3] == [(0, 4), (4, 7), (7, 11)]
+    with pytest.raises(InputError, match="mixed, by_class"):
+        make_config(plan={"batching": "sorted"})
+
+
+def test_a_by_class_run_synthesizes_single_class_batches_and_fills_every_slot(
+    make_config, tmp_path: Path
+) -> None:
+    config = make_config(
+        plan={"num_images": 24, "batch_size": 5, "shard_size": 12, "batching": "by_class"}
+    )
+    manifest = run_job(config)
+    tars = [str(t) for t in shard_files(tmp_path / "out" / "test")]
+    samples = list(wds.WebDataset(tars, shardshuffle=False))
+    assert manifest["totals"]["images"] == len(samples) == 24
+    keys = sorted(s["__key__"] for s in samples)
+    assert keys == [f"{shard:06d}-{slot:05d}" for shard in (0, 1) for slot in range(12)]
+    batches: dict[int, set[int]] = {}
+    for sample in samples:
+        info = json.loads(sample["json"])
+        batches.setdefault(info["seed"], set()).add(info["label"])
+    assert all(len(labels) == 1 for labels in batches.values())  # one class per batch
+    assert len(batches) == 20  # 2 shards x 10 classes (1 or 2 slots of each per shard)
+
+
 def test_inline_run_writes_readable_shards_manifest_index_preview(
     make_config, tmp_path: Path
 ) -> None:

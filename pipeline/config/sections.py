@@ -51,6 +51,9 @@ class TeacherConfig:
             raise ValueError("mean and std need 3 values each, std positive")
 
 
+BATCHING = ("mixed", "by_class")
+
+
 @dataclass
 class PlanConfig:
     num_images: int = 1024
@@ -59,8 +62,15 @@ class PlanConfig:
     shard_size: int = 1024
     split: str = "train"
     store_logits: bool = True  # write the teacher's logits (float16) with every sample
+    # mixed: the classes take turns within a batch; by_class: a shard's slots in class
+    # order and each batch one class (at most batch_size of that class's slots)
+    batching: str = "mixed"
 
     def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ValueError(
+                f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}"
+            )
         for name in ("num_images", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -29,6 +29,7 @@ class ShardTask:
     labels: tuple[int, ...]  # the target class of every sample slot
     batch_size: int
     rows: tuple[int, ...] | None = None  # metadata row of every slot (None: its class)
+    by_class: bool = False  # each batch one class (the slots are in class order)
 
     @property
     def name(self) -> str:
@@ -42,9 +43,19 @@ class ShardTask:
         """The metadata row of every slot of each batch (the labels when rows are classes)."""
         return self._cut(self.rows if self.rows is not None else self.labels)
 
+    def spans(self) -> list[tuple[int, int]]:
+        """(first slot, end) of each batch: ``batch_size`` slots in turn; by class, each
+        run of one class's slots, cut at ``batch_size``."""
+        labels, spans, start = self.labels, [], 0
+        for end in range(1, len(labels) + 1):
+            full = end - start == self.batch_size or end == len(labels)
+            if full or (self.by_class and labels[end] != labels[start]):
+                spans.append((start, end))
+                start = end
+        return spans
+
     def _cut(self, values: tuple[int, ...]) -> list[list[int]]:
-        size = self.batch_size
-        return [list(values[i : i + size]) for i in range(0, len(values), size)]
+        return [list(values[start:end]) for start, end in self.spans()]
 
     def batch_seed(self, batch: int, attempt: int) -> int:
         return derive_seed(self.seed, batch, attempt)
@@ -58,19 +69,35 @@ def make_plan(config: Config, row_labels: list[int] | None = None) -> list[Shard
     """Class-balanced labels (sample i gets class ``classes[i % K]``), cut into shards.
 
     With ``row_labels`` (a seed-guided run: one metadata row per seed image), sample i
-    targets row ``i % R`` instead and is labelled with that row's class.
+    targets row ``i % R`` instead and is labelled with that row's class. With
+    ``plan.batching: by_class`` a shard's slots are put in class order (stable), so that
+    its batches hold one class each.
     """
     classes = config.classes
     plan = config.plan
+    by_class = plan.batching == "by_class"
     tasks = []
     for index, start in enumerate(range(0, plan.num_images, plan.shard_size)):
         stop = min(start + plan.shard_size, plan.num_images)
         seed = derive_seed(config.run.seed, index)
         if row_labels is None:
-            labels = tuple(classes[i % len(classes)] for i in range(start, stop))
-            tasks.append(ShardTask(index, plan.split, seed, labels, plan.batch_size))
-            continue
-        rows = tuple(i % len(row_labels) for i in range(start, stop))
-        labels = tuple(row_labels[r] for r in rows)
-        tasks.append(ShardTask(index, plan.split, seed, labels, plan.batch_size, rows))
+            labels = [classes[i % len(classes)] for i in range(start, stop)]
+            rows = None
+        else:
+            rows = [i % len(row_labels) for i in range(start, stop)]
+            labels = [row_labels[r] for r in rows]
+        if by_class:
+            order = sorted(range(len(labels)), key=labels.__getitem__)
+            labels = [labels[i] for i in order]
+            rows = None if rows is None else [rows[i] for i in order]
+        task = ShardTask(
+            index,
+            plan.split,
+            seed,
+            tuple(labels),
+            plan.batch_size,
+            None if rows is None else tuple(rows),
+            by_class,
+        )
+        tasks.append(task)
     return tasks

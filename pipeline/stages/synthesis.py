@@ -138,7 +138,7 @@ class ShardWorker:
         rows = rows or labels
         filter_config = self.config.filter
         outcome = BatchOutcome(samples=[None] * len(labels))
-        offset = batch * task.batch_size  # slot index of the batch's first sample
+        offset = task.spans()[batch][0]  # slot index of the batch's first sample
         start = time.perf_counter()
         for attempt in range(filter_config.max_attempts):
             open_slots = [i for i, s in enumerate(outcome.samples) if s is None]
