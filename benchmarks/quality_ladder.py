@@ -12,7 +12,8 @@ workers); top-1 on all 10,000 CIFAR-10 (JPEG) test images. Rows:
   class), impression (class codes from the metadata stage), natural-inversion, imagine
   (one real seed image per class, ``metadata.scenario: seeds``), and
   class-conditional-per-image (scenario A's source images, each its own row of statistics:
-  ``metadata.scenario: seeds``).
+  ``metadata.scenario: seeds``) and class-conditional-by-class (scenario A with
+  ``plan.batching: by_class``: every batch one class, N / 20 images of it).
 
 Per row: KD top-1 per seed (final, and the best evaluated epoch), their mean, the fraction
 of real at equal N, the teacher accept rate (confidence >= 0.5 and argmax = label, filter
@@ -80,6 +81,7 @@ ROWS = [
     "class-conditional-C",
     "imagine",
     "class-conditional-per-image",
+    "class-conditional-by-class",
 ]
 
 
@@ -112,8 +114,10 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
     plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
     if row.startswith("class-conditional"):
         synthesizer["lr"] = 0.1  # the reduced budget's setting (cpu-class-conditional.md)
-    if row in ("class-conditional", "impression"):
+    if row in ("class-conditional", "impression", "class-conditional-by-class"):
         metadata = {"source": TRAIN, "max_per_class": args.statistics_per_class}
+    if row == "class-conditional-by-class":  # two shards (one per worker), one class a batch
+        plan.update(batching="by_class", shard_size=args.images // 2)
     elif row == "class-conditional-C":
         folder = seed_folder(work, classes=True, teacher=teacher)
         metadata = {"source": str(folder), "scenario": "C"}
