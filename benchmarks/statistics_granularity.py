@@ -36,48 +36,48 @@ import torch
 from common import CIFAR, RESNET20, RESNET56, cpu_name, teacher_logits
 
 from evaluation.fidelity import diversity, frechet_distance, logits_and_features, precision_recall
-from pipeline.config import TeacherConfig
+from pipeline.config import TeacherConfig, parse_config
 from pipeline.io.images import ImageFolder, open_image_folder
-from pipeline.models.accuracy import normalise
 from pipeline.models.teachers import load_teacher
+from pipeline.stages.statistics import Sums, collect_files, feature_layers
 from synthesizers import SynthesisSpec
 from synthesizers.class_conditional import ClassConditional, ClassConditionalConfig
-from synthesizers.hooks import capture_statistics
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
 
 
-def per_image_statistics(teacher, config: ClassConditionalConfig, images: torch.Tensor):
-    """Each image's channel mean and variance at every matched layer: name -> (N, C) x 2."""
-    layers, side = ClassConditional.statistics_layers(teacher.model, config)
-    means: dict[str, list] = {name: [] for name, _ in layers}
-    variances: dict[str, list] = {name: [] for name, _ in layers}
-    with torch.no_grad(), capture_statistics(layers, side) as records:
-        for chunk in images.split(250):
-            teacher.model(normalise(chunk, teacher.config.mean, teacher.config.std))
-            for record in records:
-                mean, var = record.sample
-                means[record.name].append(mean.double())
-                variances[record.name].append(var.double())
-    return {name: (torch.cat(means[name]), torch.cat(variances[name])) for name in means}
+def per_image_sums(teacher, source: ImageFolder) -> Sums:
+    """The metadata stage's sums with one row per source image (scenario seeds)."""
+    config = parse_config(
+        {
+            "teacher": TEACHER,
+            "synthesizer": {"name": "class-conditional"},
+            "metadata": {"source": source.url, "scenario": "seeds"},
+        }
+    )
+    layers, side = feature_layers(config, teacher.model)
+    return collect_files(config, teacher.model, source, source.files, layers, side)
 
 
 def group_statistics(
-    per_image: Statistics, labels: torch.Tensor, size: int
+    per_image: Sums, labels: torch.Tensor, size: int
 ) -> tuple[Statistics, list[int]]:
-    """Rows of ``size`` consecutive images of one class (the last may be smaller): each
-    row's pooled mean and variance (the images' variances plus the spread of their means),
-    and the class of each row."""
+    """Rows of ``size`` consecutive images of one class (the last may be smaller), pooled
+    as the metadata stage pools a class, and the class of each row."""
     members: list[torch.Tensor] = []
     for label in labels.unique().tolist():
-        index = (labels == label).nonzero().flatten()
-        members += list(index.split(size))
-    statistics = {}
-    for name, (mean, var) in per_image.items():
-        pooled_mean = torch.stack([mean[m].mean(0) for m in members])
-        second = torch.stack([(var[m] + mean[m] ** 2).mean(0) for m in members])
-        statistics[name] = (pooled_mean.float(), (second - pooled_mean**2).clamp_min(0).float())
-    return statistics, [int(labels[m[0]]) for m in members]
+        members += list((labels == label).nonzero().flatten().split(size))
+    assign = torch.zeros(len(members), len(labels), dtype=torch.float64)
+    for row, images in enumerate(members):
+        assign[row, images] = 1.0
+    grouped = Sums(
+        first={name: assign @ t for name, t in per_image.first.items()},
+        second={name: assign @ t for name, t in per_image.second.items()},
+        within={name: assign @ t for name, t in per_image.within.items()},
+        count=assign @ per_image.count,
+    )
+    return grouped.statistics(), [int(labels[m[0]]) for m in members]
 
 
 def target_rows(row_labels: list[int], count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +163,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/cpu-statistics-granularity.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    teacher = load_teacher(TeacherConfig(arch="resnet56", checkpoint=str(RESNET56)))
+    teacher = load_teacher(TeacherConfig(**TEACHER))
     judge = load_teacher(TeacherConfig(arch="resnet20", checkpoint=str(RESNET20)))
     folder = open_image_folder(f"{CIFAR}/cifar10-jpeg/train")
-    source = set(folder.subset(args.per_class).files)
-    source_images, source_labels = folder.subset(args.per_class).load(32)
+    sources = folder.subset(args.per_class)
+    source = set(sources.files)
+    source_images, source_labels = sources.load(32)
     wider = folder.subset(args.per_class + args.held_out)
     held_files = [f for f in wider.files if f not in source]
     held_images, _ = ImageFolder(wider.url, wider.classes, held_files, wider.blobs).load(32)
@@ -176,7 +177,7 @@ def main() -> None:
         for x in (held_images, source_images)
     ]
     data = {
-        "per_image": per_image_statistics(teacher, ClassConditionalConfig(), source_images),
+        "per_image": per_image_sums(teacher, sources),
         "source_labels": source_labels,
         "held_out": judge_features[0],
         "source_features": judge_features[1],

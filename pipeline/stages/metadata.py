@@ -219,13 +219,8 @@ def finish(
                 f"{_class_name(source, c)}; use different seeds for it, or scenario C with "
                 "one seed the teacher recognises"
             )
-    statistics = {}
-    for name in names:
-        denominator = count.clamp_min(1.0)[:, None]
-        mean = sums.first[name] / denominator
-        between = (sums.second[name] / denominator - mean * mean).clamp_min(0.0)
-        var = sums.within[name] / denominator + between
-        statistics[name] = (mean.float(), var.float())
+    pooled = sums.statistics()
+    statistics = {name: pooled[name] for name in names}
     if scenario == "seeds":
         labels = sums.predictions
         rows = [

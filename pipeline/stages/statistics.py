@@ -53,6 +53,18 @@ class Sums:
         self.predictions += other.predictions
         return self
 
+    def statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each row's channel mean and variance (float32): the mean of its images'
+        variances plus the variance of their means (0 for a row without images)."""
+        statistics = {}
+        denominator = self.count.clamp_min(1.0)[:, None]
+        for name in self.first:
+            mean = self.first[name] / denominator
+            between = (self.second[name] / denominator - mean * mean).clamp_min(0.0)
+            var = self.within[name] / denominator + between
+            statistics[name] = (mean.float(), var.float())
+        return statistics
+
 
 def feature_layers(config: Config, teacher: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
     """The layers (and side) the configured synthesizer reads; InputError on bad names."""
