@@ -10,7 +10,7 @@ workers); top-1 on all 10,000 CIFAR-10 (JPEG) test images. Rows:
 * every method, N images each at the same iteration count: deepinversion (CIFAR preset),
   adi, class-conditional (scenario A: statistics of training images; ``-C``: one image per
   class), impression (class codes from the metadata stage), natural-inversion, imagine
-  (one real seed image per class, ``metadata.scenario: seeds``), and
+  (one real seed image per class, ``metadata.scenario: seeds``),
   class-conditional-per-image (scenario A's source images, each its own row of statistics:
   ``metadata.scenario: seeds``) and class-conditional-by-class (scenario A with
   ``plan.batching: by_class``: every batch one class, N / 20 images of it).
@@ -116,8 +116,8 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
         synthesizer["lr"] = 0.1  # the reduced budget's setting (cpu-class-conditional.md)
     if row in ("class-conditional", "impression", "class-conditional-by-class"):
         metadata = {"source": TRAIN, "max_per_class": args.statistics_per_class}
-    if row == "class-conditional-by-class":  # two shards (one per worker), one class a batch
-        plan.update(batching="by_class", shard_size=args.images // 2)
+        if row == "class-conditional-by-class":  # two shards (one per worker), one class a batch
+            plan.update(batching="by_class", shard_size=args.images // 2)
     elif row == "class-conditional-C":
         folder = seed_folder(work, classes=True, teacher=teacher)
         metadata = {"source": str(folder), "scenario": "C"}

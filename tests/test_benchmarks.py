@@ -60,3 +60,31 @@ def test_ladder_remeasures_only_a_row_it_has(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"--remeasure noise: {results} has no such row yet" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_granularity_pools_each_group_like_the_metadata_stage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows of g images: the mean of their means, and their variances' mean plus the
+    spread of their means (the images of a row pooled pixel by pixel)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    granularity = importlib.import_module("statistics_granularity")
+    from pipeline.stages.statistics import Sums
+
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    var = torch.rand(6, 3, generator=generator, dtype=torch.float64)
+    per_image = Sums(
+        {"l": mean}, {"l": mean * mean}, {"l": var}, torch.ones(6, dtype=torch.float64)
+    )
+    labels = torch.tensor([0, 1, 0, 1, 0, 0])  # class 0: images 0, 2, 4, 5; class 1: 1, 3
+    statistics, row_labels = granularity.group_statistics(per_image, labels, 2)
+    assert row_labels == [0, 0, 1]
+    for row, images in enumerate([[0, 2], [4, 5], [1, 3]]):
+        pooled_mean = mean[images].mean(0)
+        pooled_var = var[images].mean(0) + mean[images].var(0, unbiased=False)
+        assert torch.allclose(statistics["l"][0][row], pooled_mean.float())
+        assert torch.allclose(statistics["l"][1][row], pooled_var.float())
+    assert granularity.target_rows(row_labels, 6)[1].tolist() == [0, 2, 1, 2, 0, 2]
