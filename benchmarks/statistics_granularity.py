@@ -33,7 +33,8 @@ from pathlib import Path
 
 import common  # noqa: F401  (paths and environment first)
 import torch
-from common import CIFAR, RESNET20, RESNET56, cpu_name, teacher_logits
+from common import CIFAR, RESNET20, cpu_name
+from quality_ladder import TEACHER, accepted_by
 
 from evaluation.fidelity import diversity, frechet_distance, logits_and_features, precision_recall
 from pipeline.config import TeacherConfig, parse_config
@@ -44,7 +45,6 @@ from synthesizers import SynthesisSpec
 from synthesizers.class_conditional import ClassConditional, ClassConditionalConfig
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
-TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
 
 
 def per_image_sums(teacher, source: ImageFolder) -> Sums:
@@ -92,11 +92,15 @@ def target_rows(row_labels: list[int], count: int) -> tuple[torch.Tensor, torch.
     return torch.tensor(labels), torch.tensor(rows)
 
 
-def judge_measures(judge, images: torch.Tensor, labels: torch.Tensor, reference, source):
+def accept_rate(teacher, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of uint8 images the pipeline's filter would keep (the ladder's rule)."""
+    return round(accepted_by(teacher, images, labels) / len(labels), 4)
+
+
+def judge_measures(judge, images: torch.Tensor, labels: torch.Tensor, held_out, source_features):
     """Agreement, precision/recall and FD against the held-out images, spread, and the
     nearest-source ratio (all in the judge's penultimate features)."""
     logits, features = logits_and_features(judge.model, images, judge.config.mean, judge.config.std)
-    held_out, source_features = reference, source
     nearest_source = torch.cdist(features, source_features).min(1).values
     nearest_held_out = torch.cdist(features, held_out).min(1).values
     return {
@@ -133,14 +137,13 @@ def run_variant(variant: str, args, teacher, judge, data) -> dict:
         images.append(result.images)
         seconds += result.seconds
     stored = (torch.cat(images) * 255).round().to(torch.uint8)
-    probs = teacher_logits(teacher, stored).softmax(1)
     floats = sum(mean.numel() + var.numel() for mean, var in statistics.values())
     return {
         "group_size": size,
         "batch": batch,
         "rows": len(row_labels),
         "metadata_floats_per_source_image": round(floats / len(data["source_labels"]), 1),
-        "accept_rate": round(float((probs.gather(1, labels[:, None]) >= 0.5).double().mean()), 4),
+        "accept_rate": accept_rate(teacher, stored, labels),
         **judge_measures(judge, stored, labels, data["held_out"], data["source_features"]),
         "seconds_per_image": round(seconds / args.images, 3),
         "load_before": round(load, 2),
@@ -195,19 +198,7 @@ def main() -> None:
         pick = order[: args.images]
         record["variants"]["real"] = {
             "group_size": None,
-            "accept_rate": round(
-                float(
-                    (
-                        teacher_logits(teacher, source_images[pick])
-                        .softmax(1)
-                        .gather(1, source_labels[pick][:, None])
-                        >= 0.5
-                    )
-                    .double()
-                    .mean()
-                ),
-                4,
-            ),
+            "accept_rate": accept_rate(teacher, source_images[pick], source_labels[pick]),
             **judge_measures(judge, source_images[pick], source_labels[pick], *judge_features),
         }
     for variant in args.groups.split(","):
