@@ -88,3 +88,34 @@ def test_granularity_pools_each_group_like_the_metadata_stage(
         assert torch.allclose(statistics["l"][0][row], pooled_mean.float())
         assert torch.allclose(statistics["l"][1][row], pooled_var.float())
     assert granularity.target_rows(row_labels, 6)[1].tolist() == [0, 2, 1, 2, 0, 2]
+
+
+def test_bn_shift_recomputes_exact_statistics_of_the_chosen_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The diagnostic's recomputation gives the first BN the exact mean and (unbiased)
+    variance of its input over all the images, and leaves
+    the layers it was not asked for as they were."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    shift = importlib.import_module("student_bn_shift")
+    from pipeline.config import TeacherConfig
+    from pipeline.models.accuracy import normalise
+    from pipeline.models.archs import build_architecture
+
+    torch.manual_seed(0)
+    model = build_architecture("resnet20", 10).eval()
+    spec = TeacherConfig(arch="resnet20", checkpoint="unused")
+    images = torch.randint(0, 256, (450, 3, 32, 32), dtype=torch.uint8)
+    deep = {k: v.clone() for k, v in model.layer3[2].bn2.state_dict().items()}
+    shift.recompute(model, images, spec, ("bn1", "layer1."))
+    with torch.no_grad():
+        stem = model.conv1(normalise(images, spec.mean, spec.std))
+    mean = stem.mean((0, 2, 3))
+    var = stem.permute(1, 0, 2, 3).flatten(1).var(1)
+    assert torch.allclose(model.bn1.running_mean, mean, atol=1e-4)
+    assert torch.allclose(model.bn1.running_var, var, rtol=1e-3)
+    for key, value in model.layer3[2].bn2.state_dict().items():
+        assert torch.equal(value, deep[key]), key
+    assert not model.training

@@ -1,0 +1,183 @@
+"""How much of a ladder student's gap to real is in its batch-norm statistics.
+
+A student distilled on synthetic images normalises every layer with running statistics
+of those images. If the synthetic images differ from real ones in what those statistics
+measure (contrast, colour, texture energy), the student meets real images with the wrong
+normalisation even where its weights are right. This diagnostic takes the quality
+ladder's trained students (``student.pt`` of every row and KD seed, nothing retrained)
+and scores each on held-out training images with its batch-norm statistics:
+
+- ``stored``: as trained (the ladder's own figure, on held-out images);
+- ``own``: recomputed on the row's own images, without augmentation (a control: it
+  should change little);
+- ``real``: recomputed on real training images that no ladder row reads;
+- ``real-stem``: the same, for the stem and the first stage only (``bn1``, ``layer1``):
+  low-level image statistics against what the deeper layers carry.
+
+``real`` and ``real-stem`` use real images, which a data-free method does not have: they
+measure where the gap is, not a method. Evaluation: the last ``--holdout`` training
+images of each class (the KD recipe benchmark's slice); recomputation: the ``--calibrate``
+training images of each class before that slice. No test image is read.
+
+    python benchmarks/student_bn_shift.py [--rows real,class-conditional@100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import common  # noqa: F401  (paths and environment first)
+import torch
+from common import cpu_name
+from kd_recipe import holdout_folder
+from quality_ladder import TRAIN, run_folder
+from torch import nn
+
+from evaluation.loader import load_all
+from evaluation.sources import resolve_shards
+from pipeline.config import TeacherConfig
+from pipeline.errors import InputError
+from pipeline.io.images import open_image_folder
+from pipeline.models.accuracy import normalise
+from pipeline.models.teachers import load_checkpoint, load_teacher
+
+VARIANTS = ("stored", "own", "real", "real-stem")
+STEM = ("bn1", "layer1.")
+
+
+def calibration_images(per_class: int, holdout: int) -> torch.Tensor:
+    """The ``per_class`` training images of each class (by name) just before the last
+    ``holdout``: read by no ladder row (real uses the first 104, the statistics the first
+    100) and not by the evaluation slice."""
+    folder = open_image_folder(TRAIN)
+    chosen = []
+    for label in range(len(folder.classes)):
+        files = [(p, o) for p, o in folder.files if o == label]
+        chosen += files[-(holdout + per_class) : -holdout]
+    return replace(folder, files=chosen).load(32)[0]
+
+
+def load_student(path: Path) -> Any:
+    """A ladder student, with the normalisation its checkpoint records."""
+    _, meta, _ = load_checkpoint(str(path))
+    fields = {k: tuple(meta[k]) for k in ("mean", "std") if k in meta}
+    return load_teacher(TeacherConfig(arch=meta["arch"], checkpoint=str(path), **fields))
+
+
+@torch.no_grad()
+def recompute(model: nn.Module, images: torch.Tensor, spec: Any, only: tuple[str, ...]) -> None:
+    """Replace the running statistics of the batch norms whose names start with one of
+    ``only`` (all when empty) by the exact mean and unbiased variance of their inputs over
+    all ``images``, the other layers normalising with what they have. One batch: a
+    cumulative average over several would average batch means and miss the variance
+    between batches."""
+    chosen = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and (not only or n.startswith(only))
+    ]
+    for module in chosen:
+        module.reset_running_stats()
+        module.momentum = 1.0  # the running statistics become this batch's
+        module.train()
+    model(normalise(images, spec.mean, spec.std))
+    model.eval()
+
+
+@torch.no_grad()
+def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: Any) -> float:
+    logits = torch.cat([model(normalise(b, spec.mean, spec.std)) for b in images.split(250)])
+    return round((logits.argmax(1) == labels).float().mean().item(), 4)
+
+
+def score(
+    path: Path, own: torch.Tensor, real: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, float]:
+    """The student at ``path`` on the held-out images, per variant (a fresh load each)."""
+    results = {}
+    for variant in VARIANTS:
+        student = load_student(path)
+        model, spec = student.model, student.config
+        if variant == "own":
+            recompute(model, own, spec, ())
+        elif variant == "real":
+            recompute(model, real, spec, ())
+        elif variant == "real-stem":
+            recompute(model, real, spec, STEM)
+        results[variant] = top1(model, *test, spec)
+    return results
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="", help="ladder rows (default: every finished row)")
+    parser.add_argument("--holdout", type=int, default=100, help="evaluation images per class")
+    parser.add_argument("--calibrate", type=int, default=100, help="real images per class")
+    parser.add_argument("--work", default="outputs/quality-ladder")
+    parser.add_argument("--ladder", default="benchmarks/results/quality-ladder.json")
+    parser.add_argument("--results", default="benchmarks/results/cpu-student-bn-shift.json")
+    return parser.parse_args()
+
+
+def table(record: dict[str, Any]) -> str:
+    lines = [
+        "# Ladder students' batch-norm statistics: stored, own images, real images",
+        "",
+        record["protocol"],
+        "",
+        "| row | ladder KD (test, per seed) | " + " | ".join(VARIANTS) + " |",
+        "|---|---|" + "---:|" * len(VARIANTS),
+    ]
+    for row, entry in record["rows"].items():
+        cells = [", ".join(f"{100 * seed[v]:.1f}%" for seed in entry["seeds"]) for v in VARIANTS]
+        ladder = ", ".join(f"{100 * v:.1f}%" for v in entry["ladder_kd"])
+        lines.append(f"| {row} | {ladder} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = arguments()
+    work = Path(args.work).resolve()
+    ladder = json.loads(Path(args.ladder).read_text())["rows"]
+    rows = args.rows.split(",") if args.rows else [r for r in ladder if ladder[r]["kd_top1"]]
+    unknown = [r for r in rows if r not in ladder or not ladder[r]["kd_top1"]]
+    if unknown:
+        raise InputError(f"rows {unknown} have no KD result in {args.ladder}: run them first")
+    test = holdout_folder(work, args.holdout)
+    held_out = open_image_folder(str(test)).load(32)
+    real = calibration_images(args.calibrate, args.holdout)
+    record: dict[str, Any] = {
+        "protocol": (
+            f"Device: {os.cpu_count()} CPU cores ({cpu_name()}). Every KD seed's student of "
+            f"the quality ladder (ResNet-20 distilled from ResNet-56, nothing retrained), "
+            f"top-1 on the last {args.holdout} training images of each class "
+            f"({len(held_out[1])} images) with its batch-norm statistics as stored, "
+            f"recomputed on its row's own images, on {len(real)} real training images no row "
+            f"reads ({args.calibrate} per class, just before the held-out slice), and on those "
+            f"for the stem and first stage only. Command: "
+            f"`python benchmarks/student_bn_shift.py {' '.join(sys.argv[1:])}`."
+        ),
+        "rows": {},
+    }
+    for row in rows:
+        run = run_folder(row, work)
+        own, _ = load_all(resolve_shards(f"{run}/shards"))
+        seeds = []
+        for seed in range(len(ladder[row]["kd_top1"])):
+            path = work / "eval" / f"{run.name}-s{seed}" / "kd" / "student.pt"
+            seeds.append(score(path, own, real, held_out))
+        record["rows"][row] = {"ladder_kd": ladder[row]["kd_top1"], "seeds": seeds}
+        print(row, seeds, flush=True)
+    results = Path(args.results)
+    results.write_text(json.dumps(record, indent=1) + "\n")
+    results.with_suffix(".md").write_text(table(record))
+
+
+if __name__ == "__main__":
+    main()
