@@ -1,9 +1,11 @@
 """A KD recipe choice for the quality ladder, made on held-out training images.
 
 The ladder's student peaks early on a small synthetic set and then decays (it fits the
-teacher on a narrow set of images). This benchmark asks whether mixup with the teacher
-run on the mixed images (``data.mixup``) changes that, for the real row and a method
-row alike, without looking at the test set: each variant is evaluated on a held-out
+teacher on a narrow set of images), and normalises real images with statistics of
+synthetic ones. This benchmark asks whether mixup (``data.mixup``) or per-image
+photometric shifts (``data.colour``), with the teacher run on the new images, change
+that, for the real row and a method row alike, without looking at the test set: each
+variant is evaluated on a held-out
 slice of the CIFAR-10 training images (the last ``--holdout`` images of each class by
 name, which neither the ladder's real row nor its statistics use). The shards are the
 ladder's (run ``quality_ladder.py`` for those rows first); the KD recipe is the ladder's
@@ -12,6 +14,7 @@ except for the variant.
 Resumable per (row, variant, seed): results are written as each run finishes.
 
     python benchmarks/kd_recipe.py --rows real,class-conditional --mixup 0,1
+    python benchmarks/kd_recipe.py --rows real,class-conditional@100 --mixup 0 --colour 0.4
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="real,class-conditional")
     parser.add_argument("--mixup", default="0,1", help="comma-separated Beta parameters")
+    parser.add_argument(
+        "--colour", default="", help="comma-separated data.colour strengths (mixup off)"
+    )
     parser.add_argument("--holdout", type=int, default=100, help="training images per class")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--kd-batch", type=int, default=64)
@@ -66,10 +72,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--results", default="benchmarks/results/cpu-kd-recipe.json")
     args = parser.parse_args()
     args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
-    try:
-        args.mixups = [float(v) for v in args.mixup.split(",")]
-    except ValueError:
-        parser.error(f"--mixup takes comma-separated numbers, got {args.mixup!r}")
+    args.variants = []
+    for field in ("mixup", "colour"):
+        text = getattr(args, field)
+        try:
+            args.variants += [(field, float(v)) for v in text.split(",") if v]
+        except ValueError:
+            parser.error(f"--{field} takes comma-separated numbers, got {text!r}")
     return args
 
 
@@ -79,15 +88,15 @@ def table(record: dict[str, Any]) -> str:
         "",
         f"{record['protocol']}",
         "",
-        "| row | mixup | held-out top-1 (final, per seed) | best evaluated epoch | seconds |",
+        "| row | variant | held-out top-1 (final, per seed) | best evaluated epoch | seconds |",
         "|---|---:|---|---|---:|",
     ]
     for key, entry in record["runs"].items():
-        row, mixup = key.rsplit("@mixup", 1)
+        row, variant = key.rsplit("@", 1)
         final = ", ".join(f"{100 * v:.1f}%" for v in entry["final"])
         best = ", ".join(f"{100 * b[1]:.1f}% (ep {b[0]})" for b in entry["best"])
         seconds = ", ".join(str(s) for s in entry["seconds"])
-        lines.append(f"| {row} | {mixup} | {final} | {best} | {seconds} |")
+        lines.append(f"| {row} | {variant} | {final} | {best} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,14 +121,14 @@ def main() -> None:
     with local_ray("kd-recipe"):
         for seed in range(args.seeds):
             for row in rows:
-                for mixup in args.mixups:
-                    key = f"{row}@mixup{mixup:g}"
+                for field, value in args.variants:
+                    key = f"{row}@{field}{value:g}"
                     entry = record["runs"].setdefault(key, {"final": [], "best": [], "seconds": []})
                     if len(entry["final"]) > seed:
                         continue
-                    name = f"recipe-{row}-m{mixup:g}-s{seed}"
+                    name = f"recipe-{row}-{field[0]}{value:g}-s{seed}"
                     data = eval_data(str(run_folder(row, work)), args, name, seed, work / "eval")
-                    data["data"].update(test=str(holdout), mixup=mixup)
+                    data["data"].update({"test": str(holdout), field: value})
                     started = time.perf_counter()
                     result = train_student(parse_eval_config(data), "kd")
                     entry["final"].append(result["final"]["test_accuracy"])

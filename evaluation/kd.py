@@ -53,6 +53,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         loader_workers=config.data.loader_workers,
         augment=config.data.augment,
         mixup=config.data.mixup,
+        colour=config.data.colour,
         seed=config.run.seed,
         storage_options=inputs.options,
     )
@@ -72,11 +73,13 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     evaluation loads anyway (from ``teacher`` or the run's manifest), is run on each
     augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
     stored logits are used and the teacher is not run during training. ``data.mixup``
-    makes new images too, so it runs the teacher like augmentation does. Either way a
+    and ``data.colour`` make new images too, so they run the teacher like augmentation
+    does. Either way a
     ``stored`` run needs ``logits.npy`` in every shard (checked before training).
     """
     data = config.data
-    return config.train.logits == "stored" and not data.augment and not data.mixup
+    new_views = data.augment or data.mixup or data.colour
+    return config.train.logits == "stored" and not new_views
 
 
 def kd_targets(config: EvalConfig, command: str) -> str:
@@ -85,8 +88,8 @@ def kd_targets(config: EvalConfig, command: str) -> str:
         return "hard labels only"
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
-    if config.data.mixup:
-        return "teacher run on each mixed view the student sees"
+    if config.data.mixup or config.data.colour:
+        return "teacher run on each mixed or recoloured view the student sees"
     if config.train.logits == "stored":
         return "teacher run on each augmented view (stored logits describe the unaugmented image)"
     return "teacher run on each view the student sees"

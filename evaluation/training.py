@@ -65,6 +65,7 @@ class TrainJob:
     loader_workers: int = 1
     augment: bool = True
     mixup: float = 0.0  # Beta(mixup, mixup) batch mixing (targets from the mixed images)
+    colour: float = 0.0  # recolour's strength (targets from the recoloured images)
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch always is one
@@ -201,6 +202,7 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
     for batch in loader:
         taken += 1
         images, labels = batch[0].to(device), batch[1].to(device)
+        images = recolour(images, job.colour, job.mean, job.std)
         images, mixed = mix(images, labels, job.mixup)
         if job.stored_logits:
             targets = batch[2].to(device)
@@ -233,6 +235,36 @@ def mix(
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(images), device=images.device)
     return lam * images + (1 - lam) * images[perm], (labels[perm], lam)
+
+
+def recolour(
+    images: torch.Tensor,
+    strength: float,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> torch.Tensor:
+    """Per-image global photometric shifts of normalised images (B, 3, H, W) (0: unchanged).
+
+    In [0, 1] pixel units, each image's contrast about its own mean is scaled by
+    U(1 - s, 1 + s), a brightness offset N(0, (s/2)²) and a per-channel offset
+    N(0, (s/5)²) are added, and the result is clipped to [0, 1]. Synthetic images share
+    one mean colour and brightness (they meet the teacher's statistics with texture
+    within each image, not with differences between images), which real images do not;
+    a student distilled on them normalises real images with the wrong statistics
+    (``benchmarks/student_bn_shift.py``). Teacher targets are computed on the recoloured
+    images, as for mixup."""
+    if strength <= 0:
+        return images
+    shape = (len(images), 1, 1, 1)
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    pixels = images * std_t + mean_t
+    centre = pixels.mean((1, 2, 3), keepdim=True)
+    contrast = 1 + strength * (2 * torch.rand(shape, device=images.device) - 1)
+    offset = strength / 2 * torch.randn(shape, device=images.device)
+    offset = offset + strength / 5 * torch.randn(len(images), 3, 1, 1, device=images.device)
+    pixels = ((pixels - centre) * contrast + centre + offset).clamp(0, 1)
+    return (pixels - mean_t) / std_t
 
 
 def _summed(loss_sum: float, seen: int, world: int, device: torch.device) -> tuple[float, int]:

@@ -82,6 +82,36 @@ def test_mixup_makes_new_images_so_the_teacher_labels_them(
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
+    teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    from evaluation.training import recolour
+
+    shards = write_sized_shards(tmp_path / "run", [6, 4])
+    data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, colour=0.4)
+    config = parse_eval_config(data)
+    job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+    assert job.teacher is not None and not job.stored_logits and job.colour == 0.4
+    assert kd_targets(config, "kd").startswith("teacher run on each mixed or recoloured")
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    pixels = 0.45 + 0.1 * torch.rand(64, 3, 8, 8)  # one mean colour, mid-range: no clipping
+    images = (pixels - m) / s
+    assert torch.equal(recolour(images, 0.0, mean, std), images)
+    out = recolour(images, 0.1, mean, std) * s + m
+    assert out.min() >= 0 and out.max() <= 1
+    means = out.mean((2, 3))
+    assert means.std(0).min() > 3 * pixels.mean((2, 3)).std(0).max()  # images now differ
+    # within an image, one contrast factor for all channels and pixels, in [0.9, 1.1]
+    within = pixels - pixels.mean((2, 3), keepdim=True)
+    centred = out - out.mean((2, 3), keepdim=True)
+    factor = (centred * within).sum((1, 2, 3)) / (within * within).sum((1, 2, 3))
+    assert factor.min() >= 0.9 - 1e-4 and factor.max() <= 1.1 + 1e-4 and factor.std() > 0.02
+    assert torch.allclose(centred, factor.view(-1, 1, 1, 1) * within, atol=1e-5)
+
+
 def test_stored_logits_on_shards_without_them_exit_2_naming_the_shard(
     teacher_checkpoint: str, tmp_path: Path, capsys
 ) -> None:
