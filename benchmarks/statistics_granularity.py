@@ -45,6 +45,7 @@ from synthesizers import SynthesisSpec
 from synthesizers.class_conditional import ClassConditional, ClassConditionalConfig
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+DEFAULT_TV = ClassConditionalConfig.tv_weight  # the paper's CIFAR α_TV
 
 
 def per_image_sums(teacher, source: ImageFolder) -> Sums:
@@ -115,10 +116,17 @@ def judge_measures(judge, images: torch.Tensor, labels: torch.Tensor, held_out, 
     }
 
 
-def run_variant(variant: str, args, teacher, judge, data) -> dict:
+def pixel_gradient(images: torch.Tensor) -> float:
+    """Mean absolute difference of horizontal neighbours, in [0, 1] units: the images'
+    high-frequency energy (real CIFAR-10: about 0.06)."""
+    x = images.float() / 255
+    return round(float((x[..., 1:] - x[..., :-1]).abs().mean()), 4)
+
+
+def run_variant(variant: str, tv_weight: float, args, teacher, judge, data) -> dict:
     size, _, batch_text = variant.partition(":")
     size, batch = int(size), int(batch_text or args.batch)
-    config = ClassConditionalConfig(iterations=args.iterations, lr=args.lr)
+    config = ClassConditionalConfig(iterations=args.iterations, lr=args.lr, tv_weight=tv_weight)
     statistics, row_labels = group_statistics(data["per_image"], data["source_labels"], size)
     labels, rows = target_rows(row_labels, args.images)
     synthesizer = ClassConditional(teacher.model, config, "cpu")
@@ -141,6 +149,8 @@ def run_variant(variant: str, args, teacher, judge, data) -> dict:
     return {
         "group_size": size,
         "batch": batch,
+        "tv_weight": tv_weight,
+        "pixel_gradient": pixel_gradient(stored),
         "rows": len(row_labels),
         "metadata_floats_per_source_image": round(floats / len(data["source_labels"]), 1),
         "accept_rate": accept_rate(teacher, stored, labels),
@@ -155,6 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--groups", default="100,10,1", help="source images per row[:synthesis batch]"
+    )
+    parser.add_argument(
+        "--tv", default="2.5e-5", help="comma-separated α_TV values (each variant runs with each)"
     )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
@@ -193,22 +206,26 @@ def main() -> None:
     if record.get("settings") != settings:
         record = {"settings": settings, "variants": {}}
     record.update(device=f"{args.threads} thread(s), {cpu_name()}", torch=torch.__version__)
-    if "real" not in record["variants"]:  # the source images themselves, class-balanced
+    if "pixel_gradient" not in record["variants"].get("real", {}):  # the source images
         order = torch.argsort(torch.arange(len(source_labels)) % args.per_class, stable=True)
-        pick = order[: args.images]
+        pick = order[: args.images]  # class-balanced
         record["variants"]["real"] = {
             "group_size": None,
+            "pixel_gradient": pixel_gradient(source_images[pick]),
             "accept_rate": accept_rate(teacher, source_images[pick], source_labels[pick]),
             **judge_measures(judge, source_images[pick], source_labels[pick], *judge_features),
         }
     for variant in args.groups.split(","):
-        name = "g" + variant.replace(":", "-b")
-        if name not in record["variants"]:
-            started = time.perf_counter()
-            record["variants"][name] = run_variant(variant, args, teacher, judge, data)
-            record["variants"][name]["wall_seconds"] = round(time.perf_counter() - started, 1)
-            path.write_text(json.dumps(record, indent=2) + "\n")
-        print(name, json.dumps(record["variants"][name]), flush=True)
+        for tv_weight in (float(v) for v in args.tv.split(",")):
+            name = "g" + variant.replace(":", "-b")
+            name += "" if tv_weight == DEFAULT_TV else f"-tv{tv_weight:g}"
+            if name not in record["variants"]:
+                started = time.perf_counter()
+                measured = run_variant(variant, tv_weight, args, teacher, judge, data)
+                record["variants"][name] = measured
+                measured["wall_seconds"] = round(time.perf_counter() - started, 1)
+                path.write_text(json.dumps(record, indent=2) + "\n")
+            print(name, json.dumps(record["variants"][name]), flush=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     write_table(path, record, args)
 
@@ -217,6 +234,8 @@ def write_table(path: Path, record: dict, args) -> None:
     columns = [
         "rows",
         "batch",
+        "tv_weight",
+        "pixel_gradient",
         "metadata_floats_per_source_image",
         "accept_rate",
         "judge_agreement",
@@ -233,7 +252,7 @@ def write_table(path: Path, record: dict, args) -> None:
         f"batch {args.batch}, seed 0; source: the first {args.per_class} training images per "
         f"class; reference: the next {args.held_out} per class (held out, not test images); "
         f"{record['device']}.\nCommand: `python benchmarks/statistics_granularity.py "
-        f"--groups {args.groups} --images {args.images}`\n",
+        f"--groups {args.groups} --images {args.images} --batch {args.batch} --tv {args.tv}`\n",
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]

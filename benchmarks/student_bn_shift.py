@@ -13,13 +13,16 @@ and scores each on held-out training images with its batch-norm statistics:
 - ``real``: recomputed on real training images that no ladder row reads;
 - ``real-stem``: the same, for the stem and the first stage only (``bn1``, ``layer1``):
   low-level image statistics against what the deeper layers carry.
+- ``own-colourS`` (``--colour``): recomputed on the row's own images, each recoloured at
+  strength S (``data.colour``'s per-image contrast, brightness and colour shifts): the
+  data-free recalibration ``train.recalibrate`` offers, its strength chosen here.
 
 ``real`` and ``real-stem`` use real images, which a data-free method does not have: they
 measure where the gap is, not a method. Evaluation: the last ``--holdout`` training
 images of each class (the KD recipe benchmark's slice); recomputation: the ``--calibrate``
 training images of each class before that slice. No test image is read.
 
-    python benchmarks/student_bn_shift.py [--rows real,class-conditional@100]
+    python benchmarks/student_bn_shift.py [--rows real,class-conditional@100] [--colour 0.2,0.4]
 """
 
 from __future__ import annotations
@@ -36,16 +39,15 @@ import common  # noqa: F401  (paths and environment first)
 import torch
 from common import cpu_name
 from kd_recipe import holdout_folder
-from quality_ladder import TRAIN, run_folder
+from quality_ladder import TRAIN, load_student, run_folder
 from torch import nn
 
 from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
-from pipeline.config import TeacherConfig
+from evaluation.training import recalibrate
 from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
 from pipeline.models.accuracy import normalise
-from pipeline.models.teachers import load_checkpoint, load_teacher
 
 VARIANTS = ("stored", "own", "real", "real-stem")
 STEM = ("bn1", "layer1.")
@@ -63,31 +65,11 @@ def calibration_images(per_class: int, holdout: int) -> torch.Tensor:
     return replace(folder, files=chosen).load(32)[0]
 
 
-def load_student(path: Path) -> Any:
-    """A ladder student, with the normalisation its checkpoint records."""
-    _, meta, _ = load_checkpoint(str(path))
-    fields = {k: tuple(meta[k]) for k in ("mean", "std") if k in meta}
-    return load_teacher(TeacherConfig(arch=meta["arch"], checkpoint=str(path), **fields))
-
-
-@torch.no_grad()
-def recompute(model: nn.Module, images: torch.Tensor, spec: Any, only: tuple[str, ...]) -> None:
-    """Replace the running statistics of the batch norms whose names start with one of
-    ``only`` (all when empty) by the exact mean and unbiased variance of their inputs over
-    all ``images``, the other layers normalising with what they have. One batch: a
-    cumulative average over several would average batch means and miss the variance
-    between batches."""
-    chosen = [
-        m
-        for n, m in model.named_modules()
-        if isinstance(m, nn.BatchNorm2d) and (not only or n.startswith(only))
-    ]
-    for module in chosen:
-        module.reset_running_stats()
-        module.momentum = 1.0  # the running statistics become this batch's
-        module.train()
-    model(normalise(images, spec.mean, spec.std))
-    model.eval()
+def recompute(
+    model: nn.Module, images: torch.Tensor, spec: Any, only: tuple[str, ...], colour: float = 0.0
+) -> None:
+    """The evaluation's recalibration over uint8 ``images`` in one batch (exact)."""
+    recalibrate(model, [normalise(images, spec.mean, spec.std)], colour, spec.mean, spec.std, only)
 
 
 @torch.no_grad()
@@ -97,14 +79,21 @@ def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: Any
 
 
 def score(
-    path: Path, own: torch.Tensor, real: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]
+    path: Path,
+    own: torch.Tensor,
+    real: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    colours: list[float],
 ) -> dict[str, float]:
     """The student at ``path`` on the held-out images, per variant (a fresh load each)."""
     results = {}
-    for variant in VARIANTS:
+    for variant in variants(colours):
         student = load_student(path)
         model, spec = student.model, student.config
-        if variant == "own":
+        torch.manual_seed(0)  # the recolouring's draws
+        if variant.startswith("own-colour"):
+            recompute(model, own, spec, (), float(variant.removeprefix("own-colour")))
+        elif variant == "own":
             recompute(model, own, spec, ())
         elif variant == "real":
             recompute(model, real, spec, ())
@@ -114,28 +103,41 @@ def score(
     return results
 
 
+def variants(colours: list[float]) -> list[str]:
+    return [*VARIANTS, *(f"own-colour{c:g}" for c in colours)]
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="", help="ladder rows (default: every finished row)")
     parser.add_argument("--holdout", type=int, default=100, help="evaluation images per class")
     parser.add_argument("--calibrate", type=int, default=100, help="real images per class")
+    parser.add_argument(
+        "--colour", default="", help="comma-separated strengths: own images, recoloured"
+    )
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--ladder", default="benchmarks/results/quality-ladder.json")
     parser.add_argument("--results", default="benchmarks/results/cpu-student-bn-shift.json")
-    return parser.parse_args()
+    args = parser.parse_args()
+    try:
+        args.colours = [float(v) for v in args.colour.split(",") if v]
+    except ValueError:
+        parser.error(f"--colour takes comma-separated numbers, got {args.colour!r}")
+    return args
 
 
 def table(record: dict[str, Any]) -> str:
+    names = variants(record["colours"])
     lines = [
         "# Ladder students' batch-norm statistics: stored, own images, real images",
         "",
         record["protocol"],
         "",
-        "| row | ladder KD (test, per seed) | " + " | ".join(VARIANTS) + " |",
-        "|---|---|" + "---:|" * len(VARIANTS),
+        "| row | ladder KD (test, per seed) | " + " | ".join(names) + " |",
+        "|---|---|" + "---:|" * len(names),
     ]
     for row, entry in record["rows"].items():
-        cells = [", ".join(f"{100 * seed[v]:.1f}%" for seed in entry["seeds"]) for v in VARIANTS]
+        cells = [", ".join(f"{100 * seed[v]:.1f}%" for seed in entry["seeds"]) for v in names]
         ladder = ", ".join(f"{100 * v:.1f}%" for v in entry["ladder_kd"])
         lines.append(f"| {row} | {ladder} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -160,9 +162,11 @@ def main() -> None:
             f"({len(held_out[1])} images) with its batch-norm statistics as stored, "
             f"recomputed on its row's own images, on {len(real)} real training images no row "
             f"reads ({args.calibrate} per class, just before the held-out slice), and on those "
-            f"for the stem and first stage only. Command: "
+            f"for the stem and first stage only; own-colourS: recomputed on its own images "
+            f"recoloured at strength S (`data.colour`'s shifts, seed 0). Command: "
             f"`python benchmarks/student_bn_shift.py {' '.join(sys.argv[1:])}`."
         ),
+        "colours": args.colours,
         "rows": {},
     }
     for row in rows:
@@ -171,7 +175,7 @@ def main() -> None:
         seeds = []
         for seed in range(len(ladder[row]["kd_top1"])):
             path = work / "eval" / f"{run.name}-s{seed}" / "kd" / "student.pt"
-            seeds.append(score(path, own, real, held_out))
+            seeds.append(score(path, own, real, held_out, args.colours))
         record["rows"][row] = {"ladder_kd": ladder[row]["kd_top1"], "seeds": seeds}
         print(row, seeds, flush=True)
     results = Path(args.results)

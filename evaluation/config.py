@@ -68,8 +68,15 @@ class StudentTrainConfig:
     alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the hard-label term
     logits: str = "online"  # online (run the teacher) | stored (the shards' logits.npy)
     eval_every: int = 1  # epochs between test-set evaluations (the last epoch always is one)
+    # after training, recompute the batch norms' statistics over the shards recoloured at
+    # this strength (data.colour's shifts; 0: as stored); None: keep the trained ones
+    recalibrate: float | None = None
 
     def __post_init__(self) -> None:
+        if self.recalibrate is not None and not 0 <= self.recalibrate <= 1:
+            raise ValueError(
+                f"recalibrate is a colour strength in [0, 1] (or null: off), got {self.recalibrate}"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
             raise ValueError("epochs, batch_size, lr and eval_every must be positive")
         if self.schedule not in ("cosine", "step"):

@@ -17,8 +17,9 @@ from typing import Any
 
 from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
+from evaluation.loader import ShardDataset
 from evaluation.report import comparison_rows, write_bytes, write_report
-from evaluation.training import TrainJob, evaluate, fit
+from evaluation.training import TrainJob, evaluate, fit, recalibrate
 from pipeline.io.storage import join
 from pipeline.models.archs import build_architecture
 from pipeline.models.teachers import save_checkpoint
@@ -106,6 +107,29 @@ def student_job(inputs: Inputs, student, command: str) -> TrainJob:
     return train_job(inputs, student, config.train.alpha, teacher, stored_logits=stored)
 
 
+RECALIBRATION_BATCH = 512  # samples: the variance between batch means left out is ~1/512
+
+
+def recalibrated(model, job: TrainJob, strength: float) -> dict[str, Any]:
+    """Recompute ``model``'s batch-norm statistics over the job's shards (unaugmented,
+    recoloured at ``strength``, in batches of :data:`RECALIBRATION_BATCH`; see
+    :func:`evaluation.training.recalibrate`) and score it on the test images."""
+    import torch
+
+    torch.manual_seed(job.seed)  # the recolouring's draws
+    shards = ShardDataset(
+        job.shards,
+        job.mean,
+        job.std,
+        image_size=job.image_size,
+        batch_size=RECALIBRATION_BATCH,
+        storage_options=job.storage_options,
+    )
+    batches = (images for images, _ in shards)
+    recalibrate(model, batches, strength, job.mean, job.std)
+    return {"colour": strength, "test_accuracy": evaluate(model, job)["accuracy"]}
+
+
 def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
     """Train ``student.arch`` on the shards (KD, or hard labels for ``scratch``)."""
     inputs = prepare(config, command)
@@ -119,6 +143,9 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
     model, summary = fit(
         job, config.runtime, join(inputs.output, "ray"), inputs.job_name(command), inputs.options
     )
+    after = None
+    if config.train.recalibrate is not None:  # the checkpoint holds the recalibrated model
+        after = recalibrated(model, job, config.train.recalibrate)
     checkpoint = join(inputs.output, "student.pt")
     with tempfile.TemporaryDirectory() as folder:  # save_checkpoint takes no storage options
         local = os.path.join(folder, "student.pt")
@@ -133,6 +160,7 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
         "teacher_accuracy": teacher_accuracy,
         "best": summary["best"],
         "final": summary["final"],
+        "recalibrated": after,  # None: train.recalibrate off
         "per_class": dict(zip(inputs.classes, summary["per_class"], strict=True)),
         "history": summary["history"],
         "samples_seen": summary["samples_seen"],  # per epoch, over all ranks

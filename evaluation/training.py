@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,6 +266,46 @@ def recolour(
     offset = offset + strength / 5 * torch.randn(len(images), 3, 1, 1, device=images.device)
     pixels = ((pixels - centre) * contrast + centre + offset).clamp(0, 1)
     return (pixels - mean_t) / std_t
+
+
+@torch.no_grad()
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    strength: float,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    only: tuple[str, ...] = (),
+) -> None:
+    """Recompute the running statistics of ``model``'s batch norms (those whose names start
+    with one of ``only``; all when empty) over normalised image ``batches``, each
+    recoloured at ``strength`` first (:func:`recolour`; 0: as they are): the average of
+    the batches' means and variances (exact for one batch; with several, the variance
+    between batch means is left out). The other layers normalise with what they have; the
+    model is left in eval mode.
+
+    A student distilled on synthetic images keeps their statistics, which differ from real
+    images' in how much images differ from one another in contrast and colour; recomputing
+    them over recoloured training images, with no real image, moves them towards real
+    ones (``benchmarks/student_bn_shift.py``)."""
+    chosen = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (not only or n.startswith(only))
+    ]
+    if not chosen:
+        raise ValueError(f"no batch norm layer to recalibrate (names starting with {only})")
+    model.eval()
+    momenta = [m.momentum for m in chosen]
+    for module in chosen:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative average over the batches
+        module.train()
+    for batch in batches:
+        model(recolour(batch, strength, mean, std))
+    for module, momentum in zip(chosen, momenta, strict=True):
+        module.momentum = momentum
+    model.eval()
 
 
 def _summed(loss_sum: float, seen: int, world: int, device: torch.device) -> tuple[float, int]:

@@ -44,6 +44,7 @@ def test_defaults_are_the_papers() -> None:
         ({"data": {"shards": "r"}, "runtime": {"num_workers": "two"}}, "expected an integer"),
         ({"data": {}}, "data: shards is required"),
         ({"data": {"shards": "r", "mixup": -1}}, "mixup is a Beta parameter"),
+        ({"data": {"shards": "r"}, "train": {"recalibrate": 2}}, "recalibrate is a colour"),
         ({"data": {"shards": "r", "colour": 1.5}}, r"colour is a strength in \[0, 1\]"),
     ],
 )

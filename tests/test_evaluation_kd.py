@@ -112,6 +112,22 @@ def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
     assert torch.allclose(centred, factor.view(-1, 1, 1, 1) * within, atol=1e-5)
 
 
+def test_recalibration_averages_the_batches_and_leaves_the_model_as_it_was() -> None:
+    from evaluation.training import recalibrate
+
+    torch.manual_seed(0)
+    model = build_architecture("resnet20", 10).train()
+    batches = [torch.randn(20, 3, 8, 8) + shift for shift in (0.0, 1.0, 2.0)]
+    recalibrate(model, batches, 0.0, (0.0,) * 3, (1.0,) * 3, only=("bn1",))
+    with torch.no_grad():
+        stem = model.conv1(torch.cat(batches))
+    assert torch.allclose(model.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
+    assert int(model.bn1.num_batches_tracked) == 3 and model.bn1.momentum == 0.1
+    assert not model.training and int(model.layer1[0].bn1.num_batches_tracked) == 0
+    with pytest.raises(ValueError, match="no batch norm layer to recalibrate"):
+        recalibrate(model, batches, 0.0, (0.0,) * 3, (1.0,) * 3, only=("head",))
+
+
 def test_stored_logits_on_shards_without_them_exit_2_naming_the_shard(
     teacher_checkpoint: str, tmp_path: Path, capsys
 ) -> None:

@@ -74,10 +74,10 @@ def linked_files(page: str) -> list[str]:
 def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
     ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, capsys
 ) -> None:
-    # the shards' logits.npy are the targets (the fixture teacher is untrained)
-    config = eval_config(
-        tmp_path, data, teacher_checkpoint, train={"logits": "stored", "alpha": 0.5}
-    )
+    # the shards' logits.npy are the targets (the fixture teacher is untrained); the
+    # batch norms are recomputed over the recoloured shards after training
+    train = {"logits": "stored", "alpha": 0.5, "recalibrate": 0.2}
+    config = eval_config(tmp_path, data, teacher_checkpoint, train=train)
     assert main(["eval", "kd", str(config)]) == 0
     output = tmp_path / "eval" / "tiny" / "kd"
     report = json.loads((output / "report.json").read_text())
@@ -94,9 +94,12 @@ def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
     printed = last_json(capsys.readouterr().out)  # the command's summary
     assert printed["final"] == results["final"]
     student = ["--checkpoint", str(output / "student.pt"), "--data", str(data["test"])]
-    assert main(["teacher", "eval", *student]) == 0  # the saved student is the final one
+    assert main(["teacher", "eval", *student]) == 0  # the saved student: recalibrated
     accuracy = last_json(capsys.readouterr().out)["accuracy"]
-    assert accuracy == pytest.approx(results["final"]["test_accuracy"])
+    assert results["recalibrated"]["colour"] == 0.2
+    assert accuracy == pytest.approx(results["recalibrated"]["test_accuracy"])
+    saved = torch.load(output / "student.pt", weights_only=True)["state_dict"]
+    assert int(saved["bn1.num_batches_tracked"]) == 2  # 600 samples in batches of 512
 
 
 def test_uneven_shards_lose_no_sample_on_two_workers(
