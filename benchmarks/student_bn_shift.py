@@ -8,8 +8,9 @@ ladder's trained students (``student.pt`` of every row and KD seed, nothing retr
 and scores each on held-out training images with its batch-norm statistics:
 
 - ``stored``: as trained (the ladder's own figure, on held-out images);
-- ``own``: recomputed on the row's own images, without augmentation (a control: it
-  should change little);
+- ``own``: recomputed on the row's own images, without augmentation (a control for the
+  recomputation itself; the stored statistics are a running average over the augmented
+  views of training);
 - ``real``: recomputed on real training images that no ladder row reads;
 - ``real-stem``: the same, for the stem and the first stage only (``bn1``, ``layer1``):
   low-level image statistics against what the deeper layers carry.
