@@ -84,6 +84,7 @@ ROWS = [
     "imagine",
     "class-conditional-per-image",
     "class-conditional-by-class",
+    "class-conditional-smooth",
 ]
 
 
@@ -116,7 +117,10 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
     plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
     if row.startswith("class-conditional"):
         synthesizer["lr"] = 0.1  # the reduced budget's setting (cpu-class-conditional.md)
-    if row in ("class-conditional", "impression", "class-conditional-by-class"):
+    if row == "class-conditional-smooth":  # low-frequency start (cpu-statistics-granularity)
+        synthesizer["init"] = "smooth"
+    classes = ("class-conditional", "impression", "class-conditional-by-class")
+    if row in (*classes, "class-conditional-smooth"):
         metadata = {"source": TRAIN, "max_per_class": args.statistics_per_class}
         if row == "class-conditional-by-class":  # two shards (one per worker), one class a batch
             plan.update(batching="by_class", shard_size=args.images // 2)

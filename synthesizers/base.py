@@ -119,7 +119,8 @@ class Synthesizer:
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")
         shape, clip = spec.image_shape, self.config.clip
-        return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip)
+        start = self.config.init
+        return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip, start)
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:
         parameters = [p for p in parametrisation.parameters() if p.requires_grad]

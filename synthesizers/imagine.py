@@ -241,6 +241,7 @@ class Imagine(Synthesizer):
             spec.std,
             None if init is None else init.cpu(),
             self.config.clip,
+            self.config.init,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -44,10 +44,25 @@ class Parametrisation(nn.Module):
         return normalise(images, self.mean, self.std)
 
 
+def start_noise(batch: int, image_shape: tuple[int, int, int], kind: str) -> torch.Tensor:
+    """The pixels' start in the teacher's normalised space: ``noise``, N(0, 1) per pixel
+    (the papers'), or ``smooth``, N(0, 1) drawn at a quarter of each side, bilinearly
+    upsampled and rescaled to unit standard deviation. At a short budget the per-pixel
+    noise is still in the images at the end (their neighbour differences are 3x real
+    images'); the smooth start has only low frequencies for the loss to build on."""
+    if kind == "noise":
+        return torch.randn(batch, *image_shape)
+    channels, height, width = image_shape
+    coarse = torch.randn(batch, channels, max(1, height // 4), max(1, width // 4))
+    fine = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")
+    return fine / fine.std().clamp_min(1e-6)
+
+
 class PixelImages(Parametrisation):
     """Pixels optimised directly, in the teacher's normalised space, started from
-    N(0, 1) noise and, with ``clip``, clipped to the valid range after each step (as
-    DeepInversion's ImageNet script; its CIFAR script never clips)."""
+    ``init`` images or from :func:`start_noise` of kind ``start`` and, with ``clip``,
+    clipped to the valid range after each step (as DeepInversion's ImageNet script; its
+    CIFAR script never clips)."""
 
     def __init__(
         self,
@@ -57,9 +72,10 @@ class PixelImages(Parametrisation):
         std: tuple[float, ...],
         init: torch.Tensor | None = None,
         clip: bool = True,
+        start: str = "noise",
     ) -> None:
         super().__init__(mean, std)
-        init = torch.randn(batch, *image_shape) if init is None else self.normalise(init)
+        init = start_noise(batch, image_shape, start) if init is None else self.normalise(init)
         self.pixels = nn.Parameter(init)  # (B, C, H, W)
         self.clip = clip
 

@@ -11,6 +11,7 @@ import torch
 from synthesizers.hooks import LayerStatistics
 
 SCHEDULES = ("cosine", "constant")
+INITS = ("noise", "smooth")
 
 
 def lr_factor(iteration: int, iterations: int, schedule: str, warmup: int) -> float:
@@ -45,6 +46,9 @@ class SynthesizerConfig:
     jitter: int = 2  # random translation in pixels, each iteration
     flip: bool = True  # random horizontal flip, each iteration
     clip: bool = True  # pixels projected into the valid [0, 1] range after each step
+    # the pixels' start: noise (N(0, 1) per pixel, the papers') | smooth (the same noise
+    # drawn at a quarter of the side and upsampled: low frequencies only)
+    init: str = "noise"
     log_every: int = 0  # log every term every N iterations; 0 logs only the end
     # Speed switches: each changes how fast the loop runs, never what it computes
     # (tests/test_performance.py checks each against the plain path).
@@ -77,6 +81,8 @@ class SynthesizerConfig:
             raise ValueError(
                 f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"
             )
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.compile not in ("auto", "on", "off"):

@@ -152,6 +152,31 @@ def test_same_seed_same_images_different_seed_different() -> None:
     assert not torch.equal(first.images, other.images)
 
 
+def test_a_smooth_start_has_low_frequencies_only_and_reaches_the_loop() -> None:
+    from synthesizers.parametrisation import start_noise
+
+    def neighbour_difference(x: torch.Tensor) -> float:
+        return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+    torch.manual_seed(0)
+    noise, smooth = start_noise(64, (3, 32, 32), "noise"), start_noise(64, (3, 32, 32), "smooth")
+    assert noise.shape == smooth.shape == (64, 3, 32, 32)
+    assert smooth.std().item() == pytest.approx(1.0, rel=1e-4)
+    assert neighbour_difference(noise) == pytest.approx(2 / math.sqrt(math.pi), rel=0.02)
+    assert neighbour_difference(smooth) < neighbour_difference(noise) / 3
+    with pytest.raises(ValueError, match="init must be one of noise, smooth"):
+        DeepInversionConfig(init="blobs")
+
+    quiet = {"iterations": 1, "lr": 1e-6, "jitter": 0, "flip": False, "clip": False}
+    plain = build_synthesizer("deepinversion", tiny_teacher(), DeepInversionConfig(**quiet))
+    config = DeepInversionConfig(**quiet, init="smooth")
+    started = build_synthesizer("deepinversion", tiny_teacher(), config)
+    norm = torch.tensor(STD).view(1, 3, 1, 1)
+    plain_images = plain.synthesize(spec(batch=32)).images / norm
+    smooth_images = started.synthesize(spec(batch=32)).images / norm
+    assert neighbour_difference(smooth_images) < neighbour_difference(plain_images) / 2
+
+
 def test_optimisation_lowers_the_loss() -> None:
     teacher = tiny_teacher()
     short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
