@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import time
+from itertools import product
 from pathlib import Path
 
 import common  # noqa: F401  (paths and environment first)
@@ -123,10 +124,18 @@ def pixel_gradient(images: torch.Tensor) -> float:
     return round(float((x[..., 1:] - x[..., :-1]).abs().mean()), 4)
 
 
-def run_variant(variant: str, tv_weight: float, args, teacher, judge, data) -> dict:
+def mean_colour_spread(images: torch.Tensor) -> float:
+    """Standard deviation over the images of an image's mean colour (per channel, then
+    averaged), in [0, 1] units: how much images differ in brightness and colour."""
+    return round(float((images.float() / 255).mean((2, 3)).std(0).mean()), 4)
+
+
+def run_variant(variant: str, tv_weight: float, init: str, args, teacher, judge, data) -> dict:
     size, _, batch_text = variant.partition(":")
     size, batch = int(size), int(batch_text or args.batch)
-    config = ClassConditionalConfig(iterations=args.iterations, lr=args.lr, tv_weight=tv_weight)
+    config = ClassConditionalConfig(
+        iterations=args.iterations, lr=args.lr, tv_weight=tv_weight, init=init
+    )
     statistics, row_labels = group_statistics(data["per_image"], data["source_labels"], size)
     labels, rows = target_rows(row_labels, args.images)
     synthesizer = ClassConditional(teacher.model, config, "cpu")
@@ -150,7 +159,9 @@ def run_variant(variant: str, tv_weight: float, args, teacher, judge, data) -> d
         "group_size": size,
         "batch": batch,
         "tv_weight": tv_weight,
+        "init": init,
         "pixel_gradient": pixel_gradient(stored),
+        "mean_colour_spread": mean_colour_spread(stored),
         "rows": len(row_labels),
         "metadata_floats_per_source_image": round(floats / len(data["source_labels"]), 1),
         "accept_rate": accept_rate(teacher, stored, labels),
@@ -169,6 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--tv", default="2.5e-5", help="comma-separated α_TV values (each variant runs with each)"
     )
+    parser.add_argument("--init", default="noise", help="comma-separated synthesizer.init values")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=100)
@@ -206,22 +218,26 @@ def main() -> None:
     if record.get("settings") != settings:
         record = {"settings": settings, "variants": {}}
     record.update(device=f"{args.threads} thread(s), {cpu_name()}", torch=torch.__version__)
-    if "pixel_gradient" not in record["variants"].get("real", {}):  # the source images
+    if "mean_colour_spread" not in record["variants"].get("real", {}):  # the source images
         order = torch.argsort(torch.arange(len(source_labels)) % args.per_class, stable=True)
         pick = order[: args.images]  # class-balanced
         record["variants"]["real"] = {
             "group_size": None,
             "pixel_gradient": pixel_gradient(source_images[pick]),
+            "mean_colour_spread": mean_colour_spread(source_images[pick]),
             "accept_rate": accept_rate(teacher, source_images[pick], source_labels[pick]),
             **judge_measures(judge, source_images[pick], source_labels[pick], *judge_features),
         }
     for variant in args.groups.split(","):
-        for tv_weight in (float(v) for v in args.tv.split(",")):
+        for tv_weight, init in product(
+            [float(v) for v in args.tv.split(",")], args.init.split(",")
+        ):
             name = "g" + variant.replace(":", "-b")
             name += "" if tv_weight == DEFAULT_TV else f"-tv{tv_weight:g}"
+            name += "" if init == "noise" else f"-{init}"
             if name not in record["variants"]:
                 started = time.perf_counter()
-                measured = run_variant(variant, tv_weight, args, teacher, judge, data)
+                measured = run_variant(variant, tv_weight, init, args, teacher, judge, data)
                 record["variants"][name] = measured
                 measured["wall_seconds"] = round(time.perf_counter() - started, 1)
                 path.write_text(json.dumps(record, indent=2) + "\n")
@@ -235,7 +251,9 @@ def write_table(path: Path, record: dict, args) -> None:
         "rows",
         "batch",
         "tv_weight",
+        "init",
         "pixel_gradient",
+        "mean_colour_spread",
         "metadata_floats_per_source_image",
         "accept_rate",
         "judge_agreement",
@@ -252,7 +270,8 @@ def write_table(path: Path, record: dict, args) -> None:
         f"batch {args.batch}, seed 0; source: the first {args.per_class} training images per "
         f"class; reference: the next {args.held_out} per class (held out, not test images); "
         f"{record['device']}.\nCommand: `python benchmarks/statistics_granularity.py "
-        f"--groups {args.groups} --images {args.images} --batch {args.batch} --tv {args.tv}`\n",
+        f"--groups {args.groups} --images {args.images} --batch {args.batch} --tv {args.tv} "
+        f"--init {args.init}`\n",
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
