@@ -60,7 +60,7 @@ from evaluation.fidelity import fd_name, run_fidelity
 from evaluation.kd import train_student
 from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
-from evaluation.training import recalibrate
+from evaluation.views import recalibrate
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.errors import InputError
 from pipeline.graph import run_job

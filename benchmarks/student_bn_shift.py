@@ -45,7 +45,7 @@ from torch import nn
 
 from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
-from evaluation.training import recalibrate
+from evaluation.views import recalibrate
 from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
 from pipeline.models.accuracy import normalise

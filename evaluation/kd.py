@@ -19,7 +19,8 @@ from evaluation.config import EvalConfig
 from evaluation.inputs import Inputs, prepare
 from evaluation.loader import ShardDataset
 from evaluation.report import comparison_rows, write_bytes, write_report
-from evaluation.training import TrainJob, evaluate, fit, recalibrate
+from evaluation.training import TrainJob, evaluate, fit
+from evaluation.views import recalibrate
 from pipeline.io.storage import join
 from pipeline.models.archs import build_architecture
 from pipeline.models.teachers import save_checkpoint
@@ -113,7 +114,7 @@ RECALIBRATION_BATCH = 512  # samples: the variance between batch means left out 
 def recalibrated(model, job: TrainJob, strength: float) -> dict[str, Any]:
     """Recompute ``model``'s batch-norm statistics over the job's shards (unaugmented,
     recoloured at ``strength``, in batches of :data:`RECALIBRATION_BATCH`; see
-    :func:`evaluation.training.recalibrate`) and score it on the test images."""
+    :func:`evaluation.views.recalibrate`) and score it on the test images."""
     import torch
 
     torch.manual_seed(job.seed)  # the recolouring's draws

@@ -60,7 +60,8 @@ def test_stored_logits_teach_only_the_unaugmented_image(
 def test_mixup_makes_new_images_so_the_teacher_labels_them(
     teacher_checkpoint: str, tmp_path: Path
 ) -> None:
-    from evaluation.training import kd_loss, mix
+    from evaluation.training import kd_loss
+    from evaluation.views import mix
 
     shards = write_sized_shards(tmp_path / "run", [6, 4])
     data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, mixup=0.4)
@@ -85,7 +86,7 @@ def test_mixup_makes_new_images_so_the_teacher_labels_them(
 def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
     teacher_checkpoint: str, tmp_path: Path
 ) -> None:
-    from evaluation.training import recolour
+    from evaluation.views import recolour
 
     shards = write_sized_shards(tmp_path / "run", [6, 4])
     data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, colour=0.4)
@@ -113,7 +114,7 @@ def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
 
 
 def test_recalibration_averages_the_batches_and_leaves_the_model_as_it_was() -> None:
-    from evaluation.training import recalibrate
+    from evaluation.views import recalibrate
 
     torch.manual_seed(0)
     model = build_architecture("resnet20", 10).train()
