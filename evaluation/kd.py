@@ -76,8 +76,8 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
     stored logits are used and the teacher is not run during training. ``data.mixup``
     and ``data.colour`` make new images too, so they run the teacher like augmentation
-    does. Either way a
-    ``stored`` run needs ``logits.npy`` in every shard (checked before training).
+    does. Either way a ``stored`` run needs ``logits.npy`` in every shard (checked before
+    training).
     """
     data = config.data
     new_views = data.augment or data.mixup or data.colour
