@@ -5,9 +5,9 @@ teacher on a narrow set of images), and normalises real images with statistics o
 synthetic ones. This benchmark asks whether mixup (``data.mixup``) or per-image
 photometric shifts (``data.colour``), with the teacher run on the new images, change
 that, for the real row and a method row alike, without looking at the test set: each
-variant is evaluated on a held-out
-slice of the CIFAR-10 training images (the last ``--holdout`` images of each class by
-name, which neither the ladder's real row nor its statistics use). The shards are the
+variant is evaluated on a held-out slice of the CIFAR-10 training images (the last
+``--holdout`` images of each class by name, which neither the ladder's real row nor its
+statistics use). The shards are the
 ladder's (run ``quality_ladder.py`` for those rows first); the KD recipe is the ladder's
 except for the variant.
 

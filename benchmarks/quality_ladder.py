@@ -66,7 +66,7 @@ from pipeline.errors import InputError
 from pipeline.graph import run_job
 from pipeline.io.images import contact_sheet, open_image_folder
 from pipeline.io.shards import Sample, ShardStore, Sidecar, shard_name
-from pipeline.models.accuracy import normalise
+from pipeline.models.accuracy import classifier_accuracy, normalise
 from pipeline.models.teachers import load_checkpoint, load_teacher
 
 TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
@@ -330,23 +330,42 @@ def load_student(path: Path) -> Any:
     return load_teacher(TeacherConfig(arch=meta["arch"], checkpoint=str(path), **fields))
 
 
+def student_path(work: Path, row: str, seed: int) -> Path:
+    """Where the row's KD seed ``seed`` saved its student."""
+    return work / "eval" / f"{run_folder(row, work).name}-s{seed}" / "kd" / "student.pt"
+
+
+def top1(student: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """A loaded student's top-1 on uint8 ``images``."""
+    spec = student.config
+    scored = classifier_accuracy(
+        student.model, images, labels, spec.mean, spec.std, spec.num_classes
+    )
+    return round(scored["accuracy"], 4)
+
+
+def recalibrated(
+    student: Any, images: torch.Tensor, strength: float, only: tuple[str, ...] = ()
+) -> Any:
+    """``student`` with the batch norms named by ``only`` (all when empty) recomputed over
+    uint8 ``images`` recoloured at ``strength`` (one batch: exact; seed 0)."""
+    spec = student.config
+    torch.manual_seed(0)  # the recolouring's draws
+    batch = [normalise(images, spec.mean, spec.std)]
+    recalibrate(student.model, batch, strength, spec.mean, spec.std, only)
+    return student
+
+
 def recalibrated_top1(
     row: str, seeds: int, strength: float, work: Path, test: tuple[torch.Tensor, torch.Tensor]
 ) -> list[float]:
-    """Each KD seed's student with its batch norms recomputed over its row's images
-    recoloured at ``strength`` (one batch: exact; seed 0), top-1 on the test images."""
-    run = run_folder(row, work)
-    images, _ = load_all(resolve_shards(f"{run}/shards"))
-    scores = []
-    for seed in range(seeds):
-        student = load_student(work / "eval" / f"{run.name}-s{seed}" / "kd" / "student.pt")
-        spec = student.config
-        torch.manual_seed(0)
-        batch = [normalise(images, spec.mean, spec.std)]
-        recalibrate(student.model, batch, strength, spec.mean, spec.std)
-        logits = teacher_logits(student, test[0])
-        scores.append(round(float((logits.argmax(1) == test[1]).double().mean()), 4))
-    return scores
+    """Each KD seed's student recalibrated over its row's images at ``strength``, top-1 on
+    the test images."""
+    images, _ = load_all(resolve_shards(f"{run_folder(row, work)}/shards"))
+    return [
+        top1(recalibrated(load_student(student_path(work, row, seed)), images, strength), *test)
+        for seed in range(seeds)
+    ]
 
 
 def summarise(record: dict[str, Any]) -> None:

@@ -40,15 +40,12 @@ import common  # noqa: F401  (paths and environment first)
 import torch
 from common import cpu_name
 from kd_recipe import holdout_folder
-from quality_ladder import TRAIN, load_student, run_folder
-from torch import nn
+from quality_ladder import TRAIN, load_student, recalibrated, run_folder, student_path, top1
 
 from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
-from evaluation.views import recalibrate
 from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
-from pipeline.models.accuracy import normalise
 
 VARIANTS = ("stored", "own", "real", "real-stem")
 STEM = ("bn1", "layer1.")
@@ -66,19 +63,6 @@ def calibration_images(per_class: int, holdout: int) -> torch.Tensor:
     return replace(folder, files=chosen).load(32)[0]
 
 
-def recompute(
-    model: nn.Module, images: torch.Tensor, spec: Any, only: tuple[str, ...], colour: float = 0.0
-) -> None:
-    """The evaluation's recalibration over uint8 ``images`` in one batch (exact)."""
-    recalibrate(model, [normalise(images, spec.mean, spec.std)], colour, spec.mean, spec.std, only)
-
-
-@torch.no_grad()
-def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: Any) -> float:
-    logits = torch.cat([model(normalise(b, spec.mean, spec.std)) for b in images.split(250)])
-    return round((logits.argmax(1) == labels).float().mean().item(), 4)
-
-
 def score(
     path: Path,
     own: torch.Tensor,
@@ -90,17 +74,15 @@ def score(
     results = {}
     for variant in variants(colours):
         student = load_student(path)
-        model, spec = student.model, student.config
-        torch.manual_seed(0)  # the recolouring's draws
         if variant.startswith("own-colour"):
-            recompute(model, own, spec, (), float(variant.removeprefix("own-colour")))
+            recalibrated(student, own, float(variant.removeprefix("own-colour")))
         elif variant == "own":
-            recompute(model, own, spec, ())
+            recalibrated(student, own, 0.0)
         elif variant == "real":
-            recompute(model, real, spec, ())
+            recalibrated(student, real, 0.0)
         elif variant == "real-stem":
-            recompute(model, real, spec, STEM)
-        results[variant] = top1(model, *test, spec)
+            recalibrated(student, real, 0.0, STEM)
+        results[variant] = top1(student, *test)
     return results
 
 
@@ -175,7 +157,7 @@ def main() -> None:
         own, _ = load_all(resolve_shards(f"{run}/shards"))
         seeds = []
         for seed in range(len(ladder[row]["kd_top1"])):
-            path = work / "eval" / f"{run.name}-s{seed}" / "kd" / "student.pt"
+            path = student_path(work, row, seed)
             seeds.append(score(path, own, real, held_out, args.colours))
         record["rows"][row] = {"ladder_kd": ladder[row]["kd_top1"], "seeds": seeds}
         print(row, seeds, flush=True)

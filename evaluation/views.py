@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pipeline.models.accuracy import normalise
+
 
 def mix(
     images: torch.Tensor, labels: torch.Tensor, alpha: float
@@ -51,7 +53,7 @@ def recolour(
     offset = strength / 2 * torch.randn(shape, device=images.device)
     offset = offset + strength / 5 * torch.randn(len(images), 3, 1, 1, device=images.device)
     pixels = ((pixels - centre) * contrast + centre + offset).clamp(0, 1)
-    return (pixels - mean_t) / std_t
+    return normalise(pixels, mean, std)
 
 
 @torch.no_grad()

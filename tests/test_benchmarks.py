@@ -93,23 +93,25 @@ def test_granularity_pools_each_group_like_the_metadata_stage(
 def test_bn_shift_recomputes_exact_statistics_of_the_chosen_layers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The diagnostic's recomputation gives the first BN the exact mean and (unbiased)
-    variance of its input over all the images, and leaves
-    the layers it was not asked for as they were."""
+    """The ladder's recalibration (the diagnostic's too) gives the first BN the exact mean
+    and (unbiased) variance of its input over all the images, and leaves the layers it was
+    not asked for as they were."""
     import torch
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    shift = importlib.import_module("student_bn_shift")
+    ladder = importlib.import_module("quality_ladder")
     from pipeline.config import TeacherConfig
     from pipeline.models.accuracy import normalise
     from pipeline.models.archs import build_architecture
+    from pipeline.models.teachers import Teacher
 
     torch.manual_seed(0)
     model = build_architecture("resnet20", 10).eval()
     spec = TeacherConfig(arch="resnet20", checkpoint="unused")
     images = torch.randint(0, 256, (450, 3, 32, 32), dtype=torch.uint8)
     deep = {k: v.clone() for k, v in model.layer3[2].bn2.state_dict().items()}
-    shift.recompute(model, images, spec, ("bn1", "layer1."))
+    student = Teacher(model, spec, "unused")
+    assert ladder.recalibrated(student, images, 0.0, ("bn1", "layer1.")) is student
     with torch.no_grad():
         stem = model.conv1(normalise(images, spec.mean, spec.std))
     mean = stem.mean((0, 2, 3))
