@@ -85,7 +85,18 @@ ROWS = [
     "class-conditional-per-image",
     "class-conditional-by-class",
     "class-conditional-smooth",
+    "class-conditional-faint",
+    "class-conditional-tinted",
 ]
+
+# Rows that differ from class-conditional only in the pixels' start (chosen on held-out
+# images: cpu-class-conditional-start.md): low frequencies only; at half amplitude; and
+# with a colour of each image's own.
+STARTS: dict[str, dict[str, Any]] = {
+    "class-conditional-smooth": {"init": "smooth"},
+    "class-conditional-faint": {"init": "smooth", "init_scale": 0.5},
+    "class-conditional-tinted": {"init": "smooth", "init_scale": 0.5, "init_tint": 0.5},
+}
 
 
 def split_row(row: str, iterations: int) -> tuple[str, int]:
@@ -117,10 +128,9 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
     plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
     if row.startswith("class-conditional"):
         synthesizer["lr"] = 0.1  # the reduced budget's setting (cpu-class-conditional.md)
-    if row == "class-conditional-smooth":  # low-frequency start (cpu-statistics-granularity)
-        synthesizer["init"] = "smooth"
+    synthesizer.update(STARTS.get(row, {}))
     classes = ("class-conditional", "impression", "class-conditional-by-class")
-    if row in (*classes, "class-conditional-smooth"):
+    if row in (*classes, *STARTS):
         metadata = {"source": TRAIN, "max_per_class": args.statistics_per_class}
         if row == "class-conditional-by-class":  # two shards (one per worker), one class a batch
             plan.update(batching="by_class", shard_size=args.images // 2)

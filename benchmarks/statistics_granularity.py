@@ -130,11 +130,24 @@ def mean_colour_spread(images: torch.Tensor) -> float:
     return round(float((images.float() / 255).mean((2, 3)).std(0).mean()), 4)
 
 
+def parse_start(text: str) -> tuple[str, float, float]:
+    """``kind[:scale[:tint]]`` -> synthesizer.init, init_scale, init_tint."""
+    kind, *numbers = text.split(":")
+    values = [float(number) for number in numbers] + [1.0, 0.0][len(numbers) :]
+    return kind, values[0], values[1]
+
+
 def run_variant(variant: str, tv_weight: float, init: str, args, teacher, judge, data) -> dict:
     size, _, batch_text = variant.partition(":")
     size, batch = int(size), int(batch_text or args.batch)
+    kind, scale, tint = parse_start(init)
     config = ClassConditionalConfig(
-        iterations=args.iterations, lr=args.lr, tv_weight=tv_weight, init=init
+        iterations=args.iterations,
+        lr=args.lr,
+        tv_weight=tv_weight,
+        init=kind,
+        init_scale=scale,
+        init_tint=tint,
     )
     statistics, row_labels = group_statistics(data["per_image"], data["source_labels"], size)
     labels, rows = target_rows(row_labels, args.images)
@@ -180,7 +193,11 @@ def main() -> None:
     parser.add_argument(
         "--tv", default="2.5e-5", help="comma-separated α_TV values (each variant runs with each)"
     )
-    parser.add_argument("--init", default="noise", help="comma-separated synthesizer.init values")
+    parser.add_argument(
+        "--init",
+        default="noise",
+        help="comma-separated starts: synthesizer.init[:init_scale[:init_tint]]",
+    )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=100)
@@ -234,7 +251,7 @@ def main() -> None:
         ):
             name = "g" + variant.replace(":", "-b")
             name += "" if tv_weight == DEFAULT_TV else f"-tv{tv_weight:g}"
-            name += "" if init == "noise" else f"-{init}"
+            name += "" if init == "noise" else "-" + init.replace(":", "-")
             if name not in record["variants"]:
                 started = time.perf_counter()
                 measured = run_variant(variant, tv_weight, init, args, teacher, judge, data)

@@ -119,7 +119,7 @@ class Synthesizer:
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")
         shape, clip = spec.image_shape, self.config.clip
-        start = self.config.init
+        start = self.config.start()
         return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip, start)
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:

@@ -241,7 +241,7 @@ class Imagine(Synthesizer):
             spec.std,
             None if init is None else init.cpu(),
             self.config.clip,
-            self.config.init,
+            self.config.start(),
         )
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ returning another :class:`Parametrisation` from ``Synthesizer.parametrise``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,23 +45,50 @@ class Parametrisation(nn.Module):
         return normalise(images, self.mean, self.std)
 
 
-def start_noise(batch: int, image_shape: tuple[int, int, int], kind: str) -> torch.Tensor:
+def start_noise(
+    batch: int,
+    image_shape: tuple[int, int, int],
+    kind: str,
+    scale: float = 1.0,
+    tint: float = 0.0,
+) -> torch.Tensor:
     """The pixels' start in the teacher's normalised space: ``noise``, N(0, 1) per pixel
     (the papers'), or ``smooth``, N(0, 1) drawn at a quarter of each side, bilinearly
     upsampled and rescaled to unit standard deviation. At a short budget the per-pixel
     noise is still in the images at the end (their neighbour differences are 3x real
-    images'); the smooth start has only low frequencies for the loss to build on."""
-    if kind == "noise":
-        return torch.randn(batch, *image_shape)
+    images'); the smooth start has only low frequencies for the loss to build on.
+
+    The pattern is multiplied by ``scale``, and ``tint`` adds one N(0, tint²) offset per
+    image and channel: a colour of its own for each image, which the batch statistics
+    alone never give (every image of a batch ends with the same mean colour)."""
     channels, height, width = image_shape
-    coarse = torch.randn(batch, channels, max(1, height // 4), max(1, width // 4))
-    fine = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")
-    return fine / fine.std().clamp_min(1e-6)
+    if kind == "noise":
+        pattern = torch.randn(batch, *image_shape)
+    else:
+        coarse = torch.randn(batch, channels, max(1, height // 4), max(1, width // 4))
+        fine = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")
+        pattern = fine / fine.std().clamp_min(1e-6)
+    start = scale * pattern
+    if tint:
+        start = start + tint * torch.randn(batch, channels, 1, 1)
+    return start
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where pixel optimisation starts: :func:`start_noise`'s arguments."""
+
+    kind: str = "noise"
+    scale: float = 1.0
+    tint: float = 0.0
+
+    def draw(self, batch: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
+        return start_noise(batch, image_shape, self.kind, self.scale, self.tint)
 
 
 class PixelImages(Parametrisation):
     """Pixels optimised directly, in the teacher's normalised space, started from
-    ``init`` images or from :func:`start_noise` of kind ``start`` and, with ``clip``,
+    ``init`` images or from ``start`` and, with ``clip``,
     clipped to the valid range after each step (as DeepInversion's ImageNet script; its
     CIFAR script never clips)."""
 
@@ -72,10 +100,10 @@ class PixelImages(Parametrisation):
         std: tuple[float, ...],
         init: torch.Tensor | None = None,
         clip: bool = True,
-        start: str = "noise",
+        start: Start = Start(),
     ) -> None:
         super().__init__(mean, std)
-        init = start_noise(batch, image_shape, start) if init is None else self.normalise(init)
+        init = start.draw(batch, image_shape) if init is None else self.normalise(init)
         self.pixels = nn.Parameter(init)  # (B, C, H, W)
         self.clip = clip
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from synthesizers.hooks import LayerStatistics
+from synthesizers.parametrisation import Start
 
 SCHEDULES = ("cosine", "constant")
 INITS = ("noise", "smooth")
@@ -49,6 +50,8 @@ class SynthesizerConfig:
     # the pixels' start: noise (N(0, 1) per pixel, the papers') | smooth (the same noise
     # drawn at a quarter of the side and upsampled: low frequencies only)
     init: str = "noise"
+    init_scale: float = 1.0  # the start's pattern multiplied by this
+    init_tint: float = 0.0  # std of one colour offset per image and channel added to it
     log_every: int = 0  # log every term every N iterations; 0 logs only the end
     # Speed switches: each changes how fast the loop runs, never what it computes
     # (tests/test_performance.py checks each against the plain path).
@@ -83,6 +86,10 @@ class SynthesizerConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale}")
+        if self.init_tint < 0:
+            raise ValueError(f"init_tint must be non-negative, got {self.init_tint}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.compile not in ("auto", "on", "off"):
@@ -93,6 +100,10 @@ class SynthesizerConfig:
             raise ValueError(
                 f"early_stop_tolerance must be in [0, 1), got {self.early_stop_tolerance}"
             )
+
+    def start(self) -> Start:
+        """The pixels' start that ``init``, ``init_scale`` and ``init_tint`` describe."""
+        return Start(self.init, self.init_scale, self.init_tint)
 
 
 # Every speed switch off: fp32, NCHW, plain moments, per-tensor Adam, the library's batch

@@ -177,6 +177,32 @@ def test_a_smooth_start_has_low_frequencies_only_and_reaches_the_loop() -> None:
     assert neighbour_difference(smooth_images) < neighbour_difference(plain_images) / 2
 
 
+def test_the_start_scale_and_tint_set_the_pattern_and_each_images_colour() -> None:
+    from synthesizers.parametrisation import start_noise
+
+    def colour_spread(x: torch.Tensor) -> float:  # std over images of each mean colour
+        return float(x.mean(dim=(2, 3)).std(dim=0).mean())
+
+    torch.manual_seed(0)
+    plain = start_noise(256, (3, 32, 32), "smooth")
+    scaled = start_noise(256, (3, 32, 32), "smooth", scale=0.5)
+    tinted = start_noise(256, (3, 32, 32), "smooth", scale=0.5, tint=0.5)
+    assert scaled.std().item() == pytest.approx(0.5, rel=1e-4)
+    assert colour_spread(plain) < 0.3
+    assert colour_spread(tinted) == pytest.approx(0.5, abs=0.06)
+    assert colour_spread(tinted) > 3 * colour_spread(scaled)
+    with pytest.raises(ValueError, match="init_scale must be positive"):
+        DeepInversionConfig(init_scale=0.0)
+    with pytest.raises(ValueError, match="init_tint must be non-negative"):
+        DeepInversionConfig(init_tint=-0.1)
+
+    quiet = {"iterations": 1, "lr": 1e-6, "jitter": 0, "flip": False, "clip": False}
+    config = DeepInversionConfig(**quiet, init="smooth", init_scale=0.5, init_tint=0.5)
+    images = build_synthesizer("deepinversion", tiny_teacher(), config).synthesize(spec(batch=64))
+    norm = torch.tensor(STD).view(1, 3, 1, 1)
+    assert colour_spread(images.images / norm) == pytest.approx(0.5, abs=0.1)
+
+
 def test_optimisation_lowers_the_loss() -> None:
     teacher = tiny_teacher()
     short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
