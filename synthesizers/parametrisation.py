@@ -59,8 +59,9 @@ def start_noise(
     images'); the smooth start has only low frequencies for the loss to build on.
 
     The pattern is multiplied by ``scale``, and ``tint`` adds one N(0, tint²) offset per
-    image and channel: a colour of its own for each image, which the batch statistics
-    alone never give (every image of a batch ends with the same mean colour)."""
+    image and channel: a colour of each image's own, which matching batch statistics does
+    not ask for (from an untinted start the images of a class end with nearly one mean
+    colour: a spread of 0.02-0.04 in [0, 1] units against real images' 0.13)."""
     channels, height, width = image_shape
     if kind == "noise":
         pattern = torch.randn(batch, *image_shape)
@@ -88,9 +89,8 @@ class Start:
 
 class PixelImages(Parametrisation):
     """Pixels optimised directly, in the teacher's normalised space, started from
-    ``init`` images or from ``start`` and, with ``clip``,
-    clipped to the valid range after each step (as DeepInversion's ImageNet script; its
-    CIFAR script never clips)."""
+    ``init`` images or drawn from ``start`` and, with ``clip``, clipped to the valid range
+    after each step (as DeepInversion's ImageNet script; its CIFAR script never clips)."""
 
     def __init__(
         self,
