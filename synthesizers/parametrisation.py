@@ -45,46 +45,36 @@ class Parametrisation(nn.Module):
         return normalise(images, self.mean, self.std)
 
 
-def start_noise(
-    batch: int,
-    image_shape: tuple[int, int, int],
-    kind: str,
-    scale: float = 1.0,
-    tint: float = 0.0,
-) -> torch.Tensor:
-    """The pixels' start in the teacher's normalised space: ``noise``, N(0, 1) per pixel
-    (the papers'), or ``smooth``, N(0, 1) drawn at a quarter of each side, bilinearly
-    upsampled and rescaled to unit standard deviation. At a short budget the per-pixel
-    noise is still in the images at the end (their neighbour differences are 3x real
-    images'); the smooth start has only low frequencies for the loss to build on.
+@dataclass(frozen=True)
+class Start:
+    """Where pixel optimisation starts, in the teacher's normalised space: ``noise``,
+    N(0, 1) per pixel (the papers'), or ``smooth``, N(0, 1) drawn at a quarter of each
+    side, bilinearly upsampled and rescaled to unit standard deviation. At a short budget
+    the per-pixel noise is still in the images at the end (their neighbour differences
+    are 3x real images'); the smooth start has only low frequencies for the loss to build
+    on.
 
     The pattern is multiplied by ``scale``, and ``tint`` adds one N(0, tint²) offset per
     image and channel: a colour of each image's own, which matching batch statistics does
     not ask for (from an untinted start the images of a class end with nearly one mean
     colour: a spread of 0.02-0.04 in [0, 1] units against real images' 0.13)."""
-    channels, height, width = image_shape
-    if kind == "noise":
-        pattern = torch.randn(batch, *image_shape)
-    else:
-        coarse = torch.randn(batch, channels, max(1, height // 4), max(1, width // 4))
-        fine = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")
-        pattern = fine / fine.std().clamp_min(1e-6)
-    start = scale * pattern
-    if tint:
-        start = start + tint * torch.randn(batch, channels, 1, 1)
-    return start
-
-
-@dataclass(frozen=True)
-class Start:
-    """Where pixel optimisation starts: :func:`start_noise`'s arguments."""
 
     kind: str = "noise"
     scale: float = 1.0
     tint: float = 0.0
 
     def draw(self, batch: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
-        return start_noise(batch, image_shape, self.kind, self.scale, self.tint)
+        channels, height, width = image_shape
+        if self.kind == "noise":
+            pattern = torch.randn(batch, *image_shape)
+        else:
+            coarse = torch.randn(batch, channels, max(1, height // 4), max(1, width // 4))
+            fine = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")
+            pattern = fine / fine.std().clamp_min(1e-6)
+        start = self.scale * pattern
+        if self.tint:
+            start = start + self.tint * torch.randn(batch, channels, 1, 1)
+        return start
 
 
 class PixelImages(Parametrisation):

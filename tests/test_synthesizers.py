@@ -153,13 +153,13 @@ def test_same_seed_same_images_different_seed_different() -> None:
 
 
 def test_a_smooth_start_has_low_frequencies_only_and_reaches_the_loop() -> None:
-    from synthesizers.parametrisation import start_noise
+    from synthesizers.parametrisation import Start
 
     def neighbour_difference(x: torch.Tensor) -> float:
         return float((x[..., 1:] - x[..., :-1]).abs().mean())
 
     torch.manual_seed(0)
-    noise, smooth = start_noise(64, (3, 32, 32), "noise"), start_noise(64, (3, 32, 32), "smooth")
+    noise, smooth = Start("noise").draw(64, (3, 32, 32)), Start("smooth").draw(64, (3, 32, 32))
     assert noise.shape == smooth.shape == (64, 3, 32, 32)
     assert smooth.std().item() == pytest.approx(1.0, rel=1e-4)
     assert neighbour_difference(noise) == pytest.approx(2 / math.sqrt(math.pi), rel=0.02)
@@ -178,15 +178,15 @@ def test_a_smooth_start_has_low_frequencies_only_and_reaches_the_loop() -> None:
 
 
 def test_the_start_scale_and_tint_set_the_pattern_and_each_images_colour() -> None:
-    from synthesizers.parametrisation import start_noise
+    from synthesizers.parametrisation import Start
 
     def colour_spread(x: torch.Tensor) -> float:  # std over images of each mean colour
         return float(x.mean(dim=(2, 3)).std(dim=0).mean())
 
     torch.manual_seed(0)
-    plain = start_noise(256, (3, 32, 32), "smooth")
-    scaled = start_noise(256, (3, 32, 32), "smooth", scale=0.5)
-    tinted = start_noise(256, (3, 32, 32), "smooth", scale=0.5, tint=0.5)
+    plain = Start("smooth").draw(256, (3, 32, 32))
+    scaled = Start("smooth", scale=0.5).draw(256, (3, 32, 32))
+    tinted = Start("smooth", scale=0.5, tint=0.5).draw(256, (3, 32, 32))
     assert scaled.std().item() == pytest.approx(0.5, rel=1e-4)
     assert colour_spread(plain) < 0.3
     assert colour_spread(tinted) == pytest.approx(0.5, abs=0.06)
