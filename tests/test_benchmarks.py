@@ -4,6 +4,7 @@ silently: benchmarks run by hand, hours apart), and the ladder refuses bad rows.
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,30 @@ def test_bn_shift_recomputes_exact_statistics_of_the_chosen_layers(
     for key, value in model.layer3[2].bn2.state_dict().items():
         assert torch.equal(value, deep[key]), key
     assert not model.training
+
+
+def test_scaling_prices_a_row_in_real_images_between_measured_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    scaling = importlib.import_module("ladder_scaling")
+
+    def ladder(images: int, rows: dict[str, list[float]]) -> Path:
+        path = tmp_path / f"ladder-{images}-{len(list(tmp_path.iterdir()))}.json"
+        record = {
+            "protocol": {"images": images},
+            "rows": {k: {"kd_top1": v} for k, v in rows.items()},
+        }
+        path.write_text(json.dumps(record))
+        return path
+
+    files = [ladder(260, {"real": [0.18, 0.22]}), ladder(1040, {"real": [0.4], "cc": [0.3, 0.3]})]
+    entries = {(e["row"], e["images"]): e for e in scaling.summary(scaling.curves(files))}
+    cc = entries[("cc", 1040)]
+    assert cc["fraction_of_real"] == 0.75
+    assert cc["worth_real_images"] == "520"  # halfway in log N between 260 and 1040
+    assert entries[("real", 260)]["sd"] == pytest.approx(0.0283, abs=1e-4)
+    assert scaling.real_worth({260: 0.2, 1040: 0.4}, 0.1) == "< 260"
+    assert scaling.real_worth({260: 0.2, 1040: 0.4}, 0.5) == "> 1040"
+    with pytest.raises(SystemExit, match="in two files"):
+        scaling.curves([*files, ladder(1040, {"real": [0.41]})])
