@@ -15,6 +15,7 @@ Resumable per (row, variant, seed): results are written as each run finishes.
 
     python benchmarks/kd_recipe.py --rows real,class-conditional --mixup 0,1
     python benchmarks/kd_recipe.py --rows real,class-conditional@100 --mixup 0 --colour 0.4
+    python benchmarks/kd_recipe.py --rows real,class-conditional-smooth@100 --mixup 0 --epochs 60
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def holdout_folder(work: Path, per_class: int) -> Path:
     return root
 
 
+LADDER_EPOCHS = 30  # the ladder's schedule; another --epochs is part of each run's name
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="real,class-conditional")
@@ -62,7 +66,9 @@ def arguments() -> argparse.Namespace:
         "--colour", default="", help="comma-separated data.colour strengths (mixup off)"
     )
     parser.add_argument("--holdout", type=int, default=100, help="training images per class")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--epochs", type=int, default=LADDER_EPOCHS, help="other than the ladder's: a variant"
+    )
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=1)
@@ -72,6 +78,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--results", default="benchmarks/results/cpu-kd-recipe.json")
     args = parser.parse_args()
     args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
+    args.schedule = "" if args.epochs == LADDER_EPOCHS else f"-e{args.epochs}"
     args.variants = []
     for field in ("mixup", "colour"):
         text = getattr(args, field)
@@ -122,11 +129,11 @@ def main() -> None:
         for seed in range(args.seeds):
             for row in rows:
                 for field, value in args.variants:
-                    key = f"{row}@{field}{value:g}"
+                    key = f"{row}@{field}{value:g}{args.schedule}"
                     entry = record["runs"].setdefault(key, {"final": [], "best": [], "seconds": []})
                     if len(entry["final"]) > seed:
                         continue
-                    name = f"recipe-{row}-{field[0]}{value:g}-s{seed}"
+                    name = f"recipe-{row}-{field[0]}{value:g}{args.schedule}-s{seed}"
                     data = eval_data(str(run_folder(row, work)), args, name, seed, work / "eval")
                     data["data"].update({"test": str(holdout), field: value})
                     started = time.perf_counter()
