@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cpu_name, local_ray
-from quality_ladder import TRAIN, eval_data, run_folder
+from quality_ladder import EPOCHS, TRAIN, eval_data, run_folder
 
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
@@ -55,9 +55,6 @@ def holdout_folder(work: Path, per_class: int) -> Path:
     return root
 
 
-LADDER_EPOCHS = 30  # the ladder's schedule; another --epochs is part of each run's name
-
-
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="real,class-conditional")
@@ -67,7 +64,7 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--holdout", type=int, default=100, help="training images per class")
     parser.add_argument(
-        "--epochs", type=int, default=LADDER_EPOCHS, help="other than the ladder's: a variant"
+        "--epochs", type=int, default=EPOCHS, help="other than the ladder's: a variant"
     )
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -78,7 +75,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--results", default="benchmarks/results/cpu-kd-recipe.json")
     args = parser.parse_args()
     args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
-    args.schedule = "" if args.epochs == LADDER_EPOCHS else f"-e{args.epochs}"
+    args.schedule = "" if args.epochs == EPOCHS else f"-e{args.epochs}"  # in names and keys
     args.variants = []
     for field in ("mixup", "colour"):
         text = getattr(args, field)

@@ -108,8 +108,9 @@ def main() -> None:
     args = parser.parse_args()
     entries = summary(curves(args.results))
     args.out.with_suffix(".json").write_text(json.dumps(entries, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(entries, args.results))
-    print(markdown(entries, args.results))
+    text = markdown(entries, args.results)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

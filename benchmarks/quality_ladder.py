@@ -72,6 +72,7 @@ from pipeline.models.teachers import load_checkpoint, load_teacher
 TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
 JUDGE = {"arch": "resnet20", "checkpoint": str(RESNET20), "name": "resnet20"}
 TRAIN, TEST = f"{CIFAR}/cifar10-jpeg/train", f"{CIFAR}/cifar10-jpeg/test"
+EPOCHS = 30  # the KD schedule of every row
 ROWS = [
     "real",
     "noise",
@@ -463,7 +464,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch", type=int, default=130, help="synthesis batch")
     parser.add_argument("--statistics-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
