@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cpu_name, local_ray
-from quality_ladder import EPOCHS, TRAIN, eval_data, run_folder
+from quality_ladder import EPOCHS, TRAIN, eval_data, run_folder, schedule_suffix
 
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
@@ -75,7 +75,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--results", default="benchmarks/results/cpu-kd-recipe.json")
     args = parser.parse_args()
     args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
-    args.schedule = "" if args.epochs == EPOCHS else f"-e{args.epochs}"  # in names and keys
+    args.schedule = schedule_suffix(args.epochs)  # in names and keys
     args.variants = []
     for field in ("mixup", "colour"):
         text = getattr(args, field)

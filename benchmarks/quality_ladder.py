@@ -113,6 +113,12 @@ def valid_row(row: str) -> bool:
     return method in ROWS[2:] and budget.isdigit() and int(budget) > 0
 
 
+def schedule_suffix(epochs: int) -> str:
+    """What a KD schedule other than the ladder's adds to a student's folder and key
+    (``-e60``), so that it never resumes or overwrites a 30-epoch student."""
+    return "" if epochs == EPOCHS else f"-e{epochs}"
+
+
 def run_folder(row: str, work: Path) -> Path:
     """Where a row's shards go (``method-i100`` for ``method@100``)."""
     return work / "runs" / row.replace("@", "-i")
@@ -322,7 +328,7 @@ def measure(
 
 def distil(row: str, run: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     config = parse_eval_config(
-        eval_data(run, args, f"{Path(run).name}-s{seed}", seed, work / "eval")
+        eval_data(run, args, f"{Path(run).name}-s{seed}{args.schedule}", seed, work / "eval")
     )
     started = time.perf_counter()
     results = train_student(config, "kd")
@@ -341,9 +347,11 @@ def load_student(path: Path) -> Any:
     return load_teacher(TeacherConfig(arch=meta["arch"], checkpoint=str(path), **fields))
 
 
-def student_path(work: Path, row: str, seed: int) -> Path:
-    """Where the row's KD seed ``seed`` saved its student."""
-    return work / "eval" / f"{run_folder(row, work).name}-s{seed}" / "kd" / "student.pt"
+def student_path(work: Path, row: str, seed: int, schedule: str = "") -> Path:
+    """Where the row's KD seed ``seed`` (at the schedule ``schedule_suffix`` names) saved
+    its student."""
+    name = f"{run_folder(row, work).name}-s{seed}{schedule}"
+    return work / "eval" / name / "kd" / "student.pt"
 
 
 def top1(student: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -368,15 +376,18 @@ def recalibrated(
 
 
 def recalibrated_top1(
-    row: str, seeds: int, strength: float, work: Path, test: tuple[torch.Tensor, torch.Tensor]
+    row: str,
+    seeds: int,
+    strength: float,
+    work: Path,
+    test: tuple[torch.Tensor, torch.Tensor],
+    schedule: str = "",
 ) -> list[float]:
     """Each KD seed's student recalibrated over its row's images at ``strength``, top-1 on
     the test images."""
     images, _ = load_all(resolve_shards(f"{run_folder(row, work)}/shards"))
-    return [
-        top1(recalibrated(load_student(student_path(work, row, seed)), images, strength), *test)
-        for seed in range(seeds)
-    ]
+    students = [load_student(student_path(work, row, seed, schedule)) for seed in range(seeds)]
+    return [top1(recalibrated(student, images, strength), *test) for student in students]
 
 
 def summarise(record: dict[str, Any]) -> None:
@@ -489,6 +500,7 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
+    args.schedule = schedule_suffix(args.epochs)
     if args.rows is None:
         args.rows = "" if args.remeasure else ",".join(ROWS)
     args.rows = [r for r in args.rows.split(",") if r]
@@ -562,7 +574,7 @@ def main() -> None:
             if entry["kd_top1"] and len(done) < len(entry["kd_top1"]):
                 seeds = len(entry["kd_top1"])
                 entry["kd_top1_recalibrated"] = recalibrated_top1(
-                    row, seeds, args.recalibrate, work, test
+                    row, seeds, args.recalibrate, work, test, args.schedule
                 )
                 save(record, args)
                 print(json.dumps({"row": row, "recalibrated": entry["kd_top1_recalibrated"]}))

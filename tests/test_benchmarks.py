@@ -63,6 +63,18 @@ def test_ladder_remeasures_only_a_row_it_has(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_another_kd_schedule_never_shares_the_ladders_students(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ladder = importlib.import_module("quality_ladder")
+    ours = ladder.student_path(tmp_path, "class-conditional@100", 1)
+    longer = ladder.student_path(tmp_path, "class-conditional@100", 1, ladder.schedule_suffix(60))
+    assert ladder.schedule_suffix(ladder.EPOCHS) == ""
+    assert ours.parts[-3] == "class-conditional-i100-s1"
+    assert longer.parts[-3] == "class-conditional-i100-s1-e60"  # its own folder, own resume
+
+
 def test_granularity_pools_each_group_like_the_metadata_stage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
