@@ -26,6 +26,22 @@ from typing import Any
 
 import numpy as np
 
+SAME = ("teacher", "student", "epochs", "batch_size", "iterations", "statistics_per_class")
+
+
+def shared_protocol(paths: list[Path]) -> dict[str, Any]:
+    """The protocol fields (:data:`SAME`) every file must share: only N may differ."""
+    protocols = [json.loads(p.read_text())["protocol"] for p in paths]
+    first = {k: protocols[0].get(k) for k in SAME}
+    for path, protocol in zip(paths[1:], protocols[1:], strict=True):
+        for key in SAME:
+            if protocol.get(key) != first[key]:
+                raise SystemExit(
+                    f"{path}: {key} {protocol.get(key)!r} differs from {paths[0]}'s "
+                    f"{first[key]!r}; only N may differ"
+                )
+    return first
+
 
 def curves(paths: list[Path]) -> dict[str, dict[int, list[float]]]:
     """Per row (its name without N), per N: the final KD top-1 of each seed."""
@@ -78,14 +94,15 @@ def summary(rows: dict[str, dict[int, list[float]]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(entries: list[dict[str, Any]], sources: list[Path]) -> str:
+def markdown(entries: list[dict[str, Any]], sources: list[Path], protocol: dict) -> str:
     lines = [
         "# Quality ladder at several N",
         "",
         "From " + ", ".join(f"`{p.name}`" for p in sources) + " (same protocol, only N "
-        "differs; synthetic rows always use the statistics of 100 training images per "
-        "class). Worth: the real N with the same mean KD top-1, linear in log N between "
-        "the real row's measured points.",
+        f"differs: KD {protocol['epochs']} epochs; synthetic rows always use the statistics "
+        f"of {protocol['statistics_per_class']} training images per class). Worth: the real "
+        "N with the same mean KD top-1, linear in log N between the real row's measured "
+        "points.",
         "",
         "| row | N | KD top-1 per seed | mean | sd | fraction of real | worth (real images) |",
         "|---|---:|---|---:|---:|---:|---:|",
@@ -106,9 +123,10 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="ladder results files")
     parser.add_argument("--out", type=Path, required=True, help="path stem for .json and .md")
     args = parser.parse_args()
+    protocol = shared_protocol(args.results)
     entries = summary(curves(args.results))
     args.out.with_suffix(".json").write_text(json.dumps(entries, indent=2) + "\n")
-    text = markdown(entries, args.results)
+    text = markdown(entries, args.results, protocol)
     args.out.with_suffix(".md").write_text(text)
     print(text)
 

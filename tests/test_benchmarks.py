@@ -161,3 +161,9 @@ def test_scaling_prices_a_row_in_real_images_between_measured_points(
     assert scaling.real_worth({260: 0.2, 1040: 0.4}, 0.5) == "> 1040"
     with pytest.raises(SystemExit, match="in two files"):
         scaling.curves([*files, ladder(1040, {"real": [0.41]})])
+    longer = ladder(2080, {"real": [0.6]})
+    record = json.loads(longer.read_text())
+    record["protocol"]["epochs"] = 60
+    longer.write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="epochs 60 differs"):
+        scaling.shared_protocol([*files, longer])
