@@ -16,14 +16,20 @@ and scores each on held-out training images with its batch-norm statistics:
   low-level image statistics against what the deeper layers carry.
 - ``own-colourS`` (``--colour``): recomputed on the row's own images, each recoloured at
   strength S (``data.colour``'s per-image contrast, brightness and colour shifts): the
-  data-free recalibration ``train.recalibrate`` offers, its strength chosen here.
+  data-free recalibration ``train.recalibrate`` offers, its strength chosen here;
+- ``balanced``: statistics as stored, each class's logit shifted by the constant that
+  makes the student's mean probability of every class over the held-out images equal
+  (:func:`balancing_bias`; no label read, the slice is class-balanced): how much of the
+  gap is a skewed class prior on real images rather than features. The table also gives
+  each row's share of held-out images predicted per class (as stored, mean over seeds).
 
-``real`` and ``real-stem`` use real images, which a data-free method does not have: they
-measure where the gap is, not a method. Evaluation: the last ``--holdout`` training
+``real``, ``real-stem`` and ``balanced`` use real images, which a data-free method does
+not have: they measure where the gap is, not a method. Evaluation: the last ``--holdout`` training
 images of each class (the KD recipe benchmark's slice); recomputation: the ``--calibrate``
 training images of each class before that slice. No test image is read.
 
     python benchmarks/student_bn_shift.py [--rows real,class-conditional@100] [--colour 0.2,0.4]
+        [--epochs 60 --ladder benchmarks/results/quality-ladder-e60.json]  # longer-KD students
 """
 
 from __future__ import annotations
@@ -38,16 +44,25 @@ from typing import Any
 
 import common  # noqa: F401  (paths and environment first)
 import torch
-from common import cpu_name
+from common import cpu_name, teacher_logits
 from kd_recipe import holdout_folder
-from quality_ladder import TRAIN, load_student, recalibrated, run_folder, student_path, top1
+from quality_ladder import (
+    EPOCHS,
+    TRAIN,
+    load_student,
+    recalibrated,
+    run_folder,
+    schedule_suffix,
+    student_path,
+    top1,
+)
 
 from evaluation.loader import load_all
 from evaluation.sources import resolve_shards
 from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
 
-VARIANTS = ("stored", "own", "real", "real-stem")
+VARIANTS = ("stored", "own", "real", "real-stem", "balanced")
 STEM = ("bn1", "layer1.")
 
 
@@ -63,17 +78,44 @@ def calibration_images(per_class: int, holdout: int) -> torch.Tensor:
     return replace(folder, files=chosen).load(32)[0]
 
 
+def balancing_bias(logits: torch.Tensor) -> torch.Tensor:
+    """The per-class logit shift ``b`` (summing to 0) under which the mean softmax
+    probability of every class over ``logits`` (N, K) is 1/K: the minimiser of the convex
+    mean_x logsumexp(z_x + b) - mean_k b_k, whose gradient is that mean minus 1/K."""
+    bias = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    z = logits.double()
+    optimiser = torch.optim.LBFGS([bias], max_iter=200, tolerance_grad=1e-10)
+
+    def objective() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.logsumexp(z + bias, 1).mean() - bias.mean()
+        loss.backward()
+        return loss
+
+    optimiser.step(objective)
+    with torch.no_grad():
+        return (bias - bias.mean()).float()
+
+
 def score(
     path: Path,
     own: torch.Tensor,
     real: torch.Tensor,
     test: tuple[torch.Tensor, torch.Tensor],
     colours: list[float],
-) -> dict[str, float]:
-    """The student at ``path`` on the held-out images, per variant (a fresh load each)."""
-    results = {}
+) -> dict[str, Any]:
+    """The student at ``path`` on the held-out images, per variant (a fresh load each),
+    and the share of them it puts in each class (as stored)."""
+    results: dict[str, Any] = {}
     for variant in variants(colours):
         student = load_student(path)
+        if variant == "balanced":
+            logits = teacher_logits(student, test[0])
+            shifted = logits + balancing_bias(logits)
+            results[variant] = round(float((shifted.argmax(1) == test[1]).float().mean()), 4)
+            counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+            results["predicted"] = [round(float(c) / len(logits), 4) for c in counts]
+            continue
         if variant.startswith("own-colour"):
             recalibrated(student, own, float(variant.removeprefix("own-colour")))
         elif variant == "own":
@@ -98,6 +140,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--colour", default="", help="comma-separated strengths: own images, recoloured"
     )
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="the students' KD schedule")
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--ladder", default="benchmarks/results/quality-ladder.json")
     parser.add_argument("--results", default="benchmarks/results/cpu-student-bn-shift.json")
@@ -123,6 +166,18 @@ def table(record: dict[str, Any]) -> str:
         cells = [", ".join(f"{100 * seed[v]:.1f}%" for seed in entry["seeds"]) for v in names]
         ladder = ", ".join(f"{100 * v:.1f}%" for v in entry["ladder_kd"])
         lines.append(f"| {row} | {ladder} | " + " | ".join(cells) + " |")
+    classes = record["classes"]
+    lines += [
+        "",
+        "Share of the held-out images each row's students put in each class (as stored, "
+        "mean over seeds; the slice holds 10% of each):",
+        "",
+        "| row | " + " | ".join(classes) + " |",
+        "|---|" + "---:|" * len(classes),
+    ]
+    for row, entry in record["rows"].items():
+        shares = torch.tensor([seed["predicted"] for seed in entry["seeds"]]).mean(0)
+        lines.append(f"| {row} | " + " | ".join(f"{100 * v:.0f}%" for v in shares) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +190,8 @@ def main() -> None:
     if unknown:
         raise InputError(f"rows {unknown} have no KD result in {args.ladder}: run them first")
     test = holdout_folder(work, args.holdout)
-    held_out = open_image_folder(str(test)).load(32)
+    folder = open_image_folder(str(test))
+    held_out = folder.load(32)
     real = calibration_images(args.calibrate, args.holdout)
     record: dict[str, Any] = {
         "protocol": (
@@ -146,10 +202,13 @@ def main() -> None:
             f"recomputed on its row's own images, on {len(real)} real training images no row "
             f"reads ({args.calibrate} per class, just before the held-out slice), and on those "
             f"for the stem and first stage only; own-colourS: recomputed on its own images "
-            f"recoloured at strength S (`data.colour`'s shifts, seed 0). Command: "
+            f"recoloured at strength S (`data.colour`'s shifts, seed 0); balanced: as stored, "
+            f"class logits shifted to equal mean probabilities over the held-out images. "
+            f"KD {args.epochs} epochs. Command: "
             f"`python benchmarks/student_bn_shift.py {' '.join(sys.argv[1:])}`."
         ),
         "colours": args.colours,
+        "classes": folder.classes,
         "rows": {},
     }
     for row in rows:
@@ -157,7 +216,7 @@ def main() -> None:
         own, _ = load_all(resolve_shards(f"{run}/shards"))
         seeds = []
         for seed in range(len(ladder[row]["kd_top1"])):
-            path = student_path(work, row, seed)
+            path = student_path(work, row, seed, schedule_suffix(args.epochs))
             seeds.append(score(path, own, real, held_out, args.colours))
         record["rows"][row] = {"ladder_kd": ladder[row]["kd_top1"], "seeds": seeds}
         print(row, seeds, flush=True)

@@ -103,6 +103,25 @@ def test_granularity_pools_each_group_like_the_metadata_stage(
     assert granularity.target_rows(row_labels, 6)[1].tolist() == [0, 2, 1, 2, 0, 2]
 
 
+def test_balancing_bias_undoes_a_class_prior_added_to_balanced_logits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Logits whose rows are the cyclic shifts of one vector have a uniform mean
+    probability; adding a per-class prior ``c`` is undone by a shift of ``-c`` (centred)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    shift = importlib.import_module("student_bn_shift")
+    row = torch.tensor([3.0, 1.0, 0.5, 0.0, -1.0])
+    balanced = torch.stack([row.roll(k) for k in range(5)] * 4)
+    prior = torch.tensor([2.0, 0.0, -1.0, 0.5, 0.0])
+    bias = shift.balancing_bias(balanced + prior)
+    assert torch.allclose(bias, -(prior - prior.mean()), atol=1e-4)
+    means = (balanced + prior + bias).softmax(1).mean(0)
+    assert torch.allclose(means, torch.full((5,), 0.2), atol=1e-5)
+    assert (balanced + prior).argmax(1).tolist() != balanced.argmax(1).tolist()  # skewed
+
+
 def test_bn_shift_recomputes_exact_statistics_of_the_chosen_layers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
