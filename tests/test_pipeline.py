@@ -142,6 +142,25 @@ def test_rerun_with_a_different_config_is_refused(make_config) -> None:
     run_job(make_config(runtime={"max_retries": 1}))  # runtime may change on resume
 
 
+def test_a_run_recorded_before_a_new_field_resumes_with_its_default(
+    make_config, tmp_path: Path
+) -> None:
+    """run.json written by a version without ``synthesizer.init_scale``: the field's
+    default keeps that behaviour, so the run resumes; a recorded value that differs from
+    today's request is still refused."""
+    run_job(make_config(plan={"num_images": 16}))
+    record_file = tmp_path / "out" / "test" / "run.json"
+    record = json.loads(record_file.read_text())
+    del record["config"]["synthesizer"]["init_scale"]
+    record_file.write_text(json.dumps(record))
+    manifest = run_job(make_config(plan={"num_images": 16}))
+    assert manifest["this_run"]["shards_resumed"] == 1
+    record["config"]["synthesizer"]["jitter"] += 1
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(InputError, match="different config .*synthesizer"):
+        run_job(make_config(plan={"num_images": 16}))
+
+
 def test_the_same_checkpoint_at_another_path_resumes_a_different_one_is_refused(
     make_config, teacher_checkpoint: str, tmp_path: Path
 ) -> None:

@@ -45,7 +45,7 @@ def record_run(
     url = join(run_url, "run.json")
     if exists(url, options):
         previous = read_json(url, options)
-        same, before = identity(record["config"]), identity(previous.get("config", {}))
+        same, before = identity(record["config"]), identity(upgraded(previous.get("config", {})))
         if same != before or previous.get("teacher_digest") != teacher_digest:
             changed = sorted(k for k in {*same, *before} if same.get(k) != before.get(k))
             raise InputError(
@@ -55,6 +55,19 @@ def record_run(
             )
         return
     write_json(url, record, options)
+
+
+def upgraded(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config as this version records it: fields added since it was written take
+    their defaults, so a run made before a new field (whose default keeps the old behaviour)
+    still resumes; what it recorded is kept. One this version cannot parse stays as it is
+    (and then differs)."""
+    try:
+        data = resolved_config(parse_config(_plain(config)))
+    except (InputError, KeyError, TypeError, ValueError):
+        return config
+    data["run"]["storage_options"] = config["run"].get("storage_options", {})  # redacted
+    return data
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
