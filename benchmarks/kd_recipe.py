@@ -2,8 +2,9 @@
 
 The ladder's student peaks early on a small synthetic set and then decays (it fits the
 teacher on a narrow set of images), and normalises real images with statistics of
-synthetic ones. This benchmark asks whether mixup (``data.mixup``) or per-image
-photometric shifts (``data.colour``), with the teacher run on the new images, change
+synthetic ones. This benchmark asks whether mixup (``data.mixup``), per-image
+photometric shifts (``data.colour``) or per-image blur (``data.blur``), with the teacher
+run on the new images, change
 that, for the real row and a method row alike, without looking at the test set: each
 variant is evaluated on a held-out slice of the CIFAR-10 training images (the last
 ``--holdout`` images of each class by name, which neither the ladder's real row nor its
@@ -16,6 +17,8 @@ Resumable per (row, variant, seed): results are written as each run finishes.
     python benchmarks/kd_recipe.py --rows real,class-conditional --mixup 0,1
     python benchmarks/kd_recipe.py --rows real,class-conditional@100 --mixup 0 --colour 0.4
     python benchmarks/kd_recipe.py --rows real,class-conditional-smooth@100 --mixup 0 --epochs 60
+    python benchmarks/kd_recipe.py --rows class-conditional-smooth@100 --mixup 0,1 --blur 1 \
+        --epochs 60
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--colour", default="", help="comma-separated data.colour strengths (mixup off)"
     )
+    parser.add_argument(
+        "--blur", default="", help="comma-separated data.blur largest sigmas (mixup off)"
+    )
     parser.add_argument("--holdout", type=int, default=100, help="training images per class")
     parser.add_argument(
         "--epochs", type=int, default=EPOCHS, help="other than the ladder's: a variant"
@@ -77,7 +83,7 @@ def arguments() -> argparse.Namespace:
     args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
     args.schedule = schedule_suffix(args.epochs)  # in names and keys
     args.variants = []
-    for field in ("mixup", "colour"):
+    for field in ("mixup", "colour", "blur"):
         text = getattr(args, field)
         try:
             args.variants += [(field, float(v)) for v in text.split(",") if v]

@@ -33,12 +33,15 @@ class DataConfig:
     augment: bool = True  # random crop (4-pixel padding) and horizontal flip
     mixup: float = 0.0  # Beta(a, a) mixing of each batch with itself shuffled; 0: off
     colour: float = 0.0  # per-image contrast, brightness and colour shifts of strength s; 0: off
+    blur: float = 0.0  # per-image Gaussian blur, sigma ~ U(0, blur) pixels; 0: off
 
     def __post_init__(self) -> None:
         if self.mixup < 0:
             raise ValueError(f"mixup is a Beta parameter, 0 (off) or positive, got {self.mixup}")
         if not 0 <= self.colour <= 1:
             raise ValueError(f"colour is a strength in [0, 1] (0: off), got {self.colour}")
+        if not 0 <= self.blur <= 4:
+            raise ValueError(f"blur is a largest sigma in [0, 4] pixels (0: off), got {self.blur}")
         if not self.shards:
             raise ValueError("shards is required (a run folder, manifest, shards folder or glob)")
         if self.shuffle_buffer < 0 or self.loader_workers < 0:

@@ -56,6 +56,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         augment=config.data.augment,
         mixup=config.data.mixup,
         colour=config.data.colour,
+        blur=config.data.blur,
         seed=config.run.seed,
         storage_options=inputs.options,
     )
@@ -74,13 +75,13 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     ``train.logits: stored`` and ``data.augment: true`` the teacher, which every
     evaluation loads anyway (from ``teacher`` or the run's manifest), is run on each
     augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
-    stored logits are used and the teacher is not run during training. ``data.mixup``
-    and ``data.colour`` make new images too, so they run the teacher like augmentation
-    does. Either way a ``stored`` run needs ``logits.npy`` in every shard (checked before
-    training).
+    stored logits are used and the teacher is not run during training. ``data.mixup``,
+    ``data.colour`` and ``data.blur`` make new images too, so they run the teacher like
+    augmentation does. Either way a ``stored`` run needs ``logits.npy`` in every shard
+    (checked before training).
     """
     data = config.data
-    new_views = data.augment or data.mixup or data.colour
+    new_views = data.augment or data.mixup or data.colour or data.blur
     return config.train.logits == "stored" and not new_views
 
 
@@ -90,8 +91,8 @@ def kd_targets(config: EvalConfig, command: str) -> str:
         return "hard labels only"
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
-    if config.data.mixup or config.data.colour:
-        return "teacher run on each mixed or recoloured view the student sees"
+    if config.data.mixup or config.data.colour or config.data.blur:
+        return "teacher run on each mixed, recoloured or blurred view the student sees"
     if config.train.logits == "stored":
         return "teacher run on each augmented view (stored logits describe the unaugmented image)"
     return "teacher run on each view the student sees"

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from evaluation.config import EvalRuntimeConfig
 from evaluation.loader import ShardDataset, ShardRef
 from evaluation.split import steps_per_rank
-from evaluation.views import mix, recolour
+from evaluation.views import blur, mix, recolour
 from pipeline.errors import InputError
 from pipeline.execution.executor import connect_ray
 from pipeline.io.storage import filesystem, protocol_of
@@ -67,6 +67,7 @@ class TrainJob:
     augment: bool = True
     mixup: float = 0.0  # Beta(mixup, mixup) batch mixing (targets from the mixed images)
     colour: float = 0.0  # recolour's strength (targets from the recoloured images)
+    blur: float = 0.0  # blur's largest sigma in pixels (targets from the blurred images)
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch always is one
@@ -203,7 +204,7 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
     for batch in loader:
         taken += 1
         images, labels = batch[0].to(device), batch[1].to(device)
-        images = recolour(images, job.colour, job.mean, job.std)
+        images = blur(recolour(images, job.colour, job.mean, job.std), job.blur)
         images, mixed = mix(images, labels, job.mixup)
         if job.stored_logits:
             targets = batch[2].to(device)

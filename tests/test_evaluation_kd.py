@@ -16,6 +16,7 @@ from evaluation.inputs import prepare
 from evaluation.kd import kd_targets, student_job
 from evaluation.loader import ShardDataset, resolve_shards
 from pipeline.cli.main import main
+from pipeline.errors import InputError
 from pipeline.models.archs import build_architecture
 
 
@@ -93,7 +94,7 @@ def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
     config = parse_eval_config(data)
     job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
     assert job.teacher is not None and not job.stored_logits and job.colour == 0.4
-    assert kd_targets(config, "kd").startswith("teacher run on each mixed or recoloured")
+    assert kd_targets(config, "kd").startswith("teacher run on each mixed, recoloured")
 
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -111,6 +112,36 @@ def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
     factor = (centred * within).sum((1, 2, 3)) / (within * within).sum((1, 2, 3))
     assert factor.min() >= 0.9 - 1e-4 and factor.max() <= 1.1 + 1e-4 and factor.std() > 0.02
     assert torch.allclose(centred, factor.view(-1, 1, 1, 1) * within, atol=1e-5)
+
+
+def test_blur_gives_each_image_its_own_gaussian_and_the_teacher_labels_the_view(
+    teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    from evaluation.views import blur
+
+    shards = write_sized_shards(tmp_path / "run", [6, 4])
+    data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, blur=1.5)
+    config = parse_eval_config(data)
+    job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+    assert job.teacher is not None and not job.stored_logits and job.blur == 1.5
+    assert kd_targets(config, "kd").endswith("or blurred view the student sees")
+    with pytest.raises(InputError, match="blur is a largest sigma"):
+        parse_eval_config(config_for(tmp_path, teacher_checkpoint, shards, blur=-1))
+
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 16, 16)
+    assert torch.equal(blur(images, 0.0), images)
+    flat = torch.full((4, 3, 16, 16), 0.7)
+    assert torch.allclose(blur(flat, 1.5), flat)  # each kernel sums to one
+    impulse = torch.zeros(64, 3, 17, 17)
+    impulse[:, :, 8, 8] = 1.0
+    out = blur(impulse, 1.5)
+    assert torch.allclose(out.sum((2, 3)), torch.ones(64, 3), atol=1e-5)  # mass kept
+    assert torch.allclose(out, out.transpose(2, 3), atol=1e-6)  # separable, one kernel
+    assert torch.allclose(out[:, 0], out[:, 2])  # the same kernel for every channel
+    offsets = (torch.arange(17.0) - 8) ** 2
+    spread = (out[:, 0].sum(1) * offsets).sum(1).sqrt()  # each image's sigma (truncated)
+    assert spread.min() >= 0 and spread.max() <= 1.5 and spread.std() > 0.2
 
 
 def test_recalibration_averages_the_batches_and_leaves_the_model_as_it_was() -> None:
