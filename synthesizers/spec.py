@@ -52,6 +52,7 @@ class SynthesizerConfig:
     init: str = "noise"
     init_scale: float = 1.0  # the start's pattern multiplied by this
     init_tint: float = 0.0  # std of one colour offset per image and channel added to it
+    init_correlation: float = 0.0  # correlation between the start's colour channels
     log_every: int = 0  # log every term every N iterations; 0 logs only the end
     # Speed switches: each changes how fast the loop runs, never what it computes
     # (tests/test_performance.py checks each against the plain path).
@@ -90,6 +91,8 @@ class SynthesizerConfig:
             raise ValueError(f"init_scale must be positive, got {self.init_scale}")
         if self.init_tint < 0:
             raise ValueError(f"init_tint must be non-negative, got {self.init_tint}")
+        if not 0 <= self.init_correlation < 1:
+            raise ValueError(f"init_correlation must be in [0, 1), got {self.init_correlation}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.compile not in ("auto", "on", "off"):
@@ -102,8 +105,8 @@ class SynthesizerConfig:
             )
 
     def start(self) -> Start:
-        """The pixels' start that ``init``, ``init_scale`` and ``init_tint`` describe."""
-        return Start(self.init, self.init_scale, self.init_tint)
+        """The pixels' start that the ``init`` fields describe."""
+        return Start(self.init, self.init_scale, self.init_tint, self.init_correlation)
 
 
 # Every speed switch off: fp32, NCHW, plain moments, per-tensor Adam, the library's batch

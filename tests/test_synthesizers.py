@@ -203,6 +203,30 @@ def test_the_start_scale_and_tint_set_the_pattern_and_each_images_colour() -> No
     assert colour_spread(images.images / norm) == pytest.approx(0.5, abs=0.1)
 
 
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+def test_the_start_correlation_makes_colour_channels_vary_together(kind: str) -> None:
+    from synthesizers.parametrisation import Start
+
+    def correlations(x: torch.Tensor) -> torch.Tensor:  # between channels, off the diagonal
+        matrix = torch.corrcoef(x.transpose(0, 1).reshape(3, -1))
+        return matrix[torch.triu_indices(3, 3, 1).unbind()]
+
+    torch.manual_seed(0)
+    independent = Start(kind).draw(128, (3, 32, 32))
+    correlated = Start(kind, correlation=0.9).draw(128, (3, 32, 32))
+    assert correlations(independent).abs().max() < 0.05
+    assert torch.allclose(correlations(correlated), torch.full((3,), 0.9), atol=0.02)
+    assert torch.allclose(correlated.std((0, 2, 3)), independent.std((0, 2, 3)), rtol=0.03)
+    with pytest.raises(ValueError, match=r"init_correlation must be in \[0, 1\)"):
+        DeepInversionConfig(init_correlation=1.0)
+
+    quiet = {"iterations": 1, "lr": 1e-6, "jitter": 0, "flip": False, "clip": False}
+    config = DeepInversionConfig(**quiet, init=kind, init_correlation=0.9)
+    images = build_synthesizer("deepinversion", tiny_teacher(), config).synthesize(spec(batch=64))
+    norm = torch.tensor(STD).view(1, 3, 1, 1)  # the channels' correlation survives to the images
+    assert correlations(images.images / norm).min() > 0.85
+
+
 def test_optimisation_lowers_the_loss() -> None:
     teacher = tiny_teacher()
     short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
