@@ -30,6 +30,7 @@ whole column.
     python benchmarks/quality_ladder.py                       # the CPU ladder (hours)
     python benchmarks/quality_ladder.py --rows real,noise --seeds 1
     python benchmarks/quality_ladder.py --full --gpu          # 50,000 images, 2,000 iterations
+    python benchmarks/quality_ladder.py --epochs 60 --mixup 1 --rows real,class-conditional@100
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
 JUDGE = {"arch": "resnet20", "checkpoint": str(RESNET20), "name": "resnet20"}
 TRAIN, TEST = f"{CIFAR}/cifar10-jpeg/train", f"{CIFAR}/cifar10-jpeg/test"
 EPOCHS = 30  # the KD schedule of every row
+VIEWS = ("mixup", "blur")  # new views of the images KD may add (data.*; 0: off, the ladder's)
 ROWS = [
     "real",
     "noise",
@@ -116,10 +118,13 @@ def valid_row(row: str) -> bool:
     return method in ROWS[2:] and budget.isdigit() and int(budget) > 0
 
 
-def schedule_suffix(epochs: int) -> str:
-    """What a KD schedule other than the ladder's adds to a student's folder and key
-    (``-e60``), so that it never resumes or overwrites a 30-epoch student."""
-    return "" if epochs == EPOCHS else f"-e{epochs}"
+def schedule_suffix(epochs: int, views: dict[str, float] | None = None) -> str:
+    """What a KD recipe other than the ladder's (another schedule; new views of the
+    images, ``data.mixup`` or ``data.blur``) adds to a student's folder and key
+    (``-e60``, ``-e60-mixup1``), so that it never resumes or overwrites a student of
+    another recipe."""
+    suffix = "" if epochs == EPOCHS else f"-e{epochs}"
+    return suffix + "".join(f"-{k}{v:g}" for k, v in sorted((views or {}).items()) if v)
 
 
 def run_folder(row: str, work: Path) -> Path:
@@ -273,7 +278,7 @@ def remeasure(row: str, record: dict[str, Any], args: argparse.Namespace, work: 
 def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Path) -> dict:
     return {
         "run": {"name": name, "output": str(out), "seed": seed},
-        "data": {"shards": f"{run}/shards", "test": TEST, "loader_workers": 0},
+        "data": {"shards": f"{run}/shards", "test": TEST, "loader_workers": 0, **args.views},
         "teacher": TEACHER,
         "student": {"arch": "resnet20"},
         "train": {
@@ -479,6 +484,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=130, help="synthesis batch")
     parser.add_argument("--statistics-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    for view in VIEWS:
+        parser.add_argument(f"--{view}", type=float, default=0.0, help=f"KD's data.{view}")
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
@@ -503,7 +510,8 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
-    args.schedule = schedule_suffix(args.epochs)
+    args.views = {view: getattr(args, view) for view in VIEWS if getattr(args, view)}
+    args.schedule = schedule_suffix(args.epochs, args.views)
     if args.rows is None:
         args.rows = "" if args.remeasure else ",".join(ROWS)
     args.rows = [r for r in args.rows.split(",") if r]
@@ -530,6 +538,7 @@ def main() -> None:
         "student": "resnet20 (from scratch)",
         "judge": "resnet20 (shared CIFAR-10 checkpoint, never trained by this project)",
         "epochs": args.epochs,
+        **({"views": args.views} if args.views else {}),
         "batch_size": args.kd_batch,
         "eval_every": args.eval_every,
         "test_images": 10000,

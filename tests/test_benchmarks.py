@@ -3,6 +3,7 @@ silently: benchmarks run by hand, hours apart), and the ladder refuses bad rows.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import subprocess
@@ -73,6 +74,12 @@ def test_another_kd_schedule_never_shares_the_ladders_students(
     assert ladder.schedule_suffix(ladder.EPOCHS) == ""
     assert ours.parts[-3] == "class-conditional-i100-s1"
     assert longer.parts[-3] == "class-conditional-i100-s1-e60"  # its own folder, own resume
+    views = ladder.schedule_suffix(60, {"mixup": 1.0, "blur": 0.0})  # 0: off, not named
+    assert views == "-e60-mixup1" and ladder.schedule_suffix(30, {"blur": 1.5}) == "-blur1.5"
+    args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
+    args.gpu, args.views = False, {"mixup": 1.0}
+    data = ladder.eval_data("run", args, "name", 0, tmp_path)
+    assert data["data"]["mixup"] == 1.0 and data["train"]["epochs"] == 60
 
 
 def test_granularity_pools_each_group_like_the_metadata_stage(
