@@ -32,6 +32,14 @@ def config_for(tmp_path: Path, checkpoint: str, shards: Path, **data: Any) -> di
     }
 
 
+def view_job(tmp_path: Path, checkpoint: str, **view: float) -> tuple[Any, Any]:
+    """A stored-logits KD config over small shards with augmentation off and ``view`` (a
+    data field making new images), and the student job it gives."""
+    shards = write_sized_shards(tmp_path / "run", [6, 4])
+    config = parse_eval_config(config_for(tmp_path, checkpoint, shards, augment=False, **view))
+    return config, student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+
+
 @pytest.mark.parametrize("augment", [True, False], ids=["augmented", "plain"])
 def test_stored_logits_teach_only_the_unaugmented_image(
     teacher_checkpoint: str, tmp_path: Path, augment: bool
@@ -64,10 +72,7 @@ def test_mixup_makes_new_images_so_the_teacher_labels_them(
     from evaluation.training import kd_loss
     from evaluation.views import mix
 
-    shards = write_sized_shards(tmp_path / "run", [6, 4])
-    data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, mixup=0.4)
-    config = parse_eval_config(data)
-    job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+    config, job = view_job(tmp_path, teacher_checkpoint, mixup=0.4)
     assert job.teacher is not None and not job.stored_logits and job.mixup == 0.4
     assert kd_targets(config, "kd").startswith("teacher run on each mixed")
 
@@ -89,10 +94,7 @@ def test_colour_shifts_each_image_and_the_teacher_labels_the_view(
 ) -> None:
     from evaluation.views import recolour
 
-    shards = write_sized_shards(tmp_path / "run", [6, 4])
-    data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, colour=0.4)
-    config = parse_eval_config(data)
-    job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+    config, job = view_job(tmp_path, teacher_checkpoint, colour=0.4)
     assert job.teacher is not None and not job.stored_logits and job.colour == 0.4
     assert kd_targets(config, "kd").startswith("teacher run on each mixed, recoloured")
 
@@ -119,14 +121,13 @@ def test_blur_gives_each_image_its_own_gaussian_and_the_teacher_labels_the_view(
 ) -> None:
     from evaluation.views import blur
 
-    shards = write_sized_shards(tmp_path / "run", [6, 4])
-    data = config_for(tmp_path, teacher_checkpoint, shards, augment=False, blur=1.5)
-    config = parse_eval_config(data)
-    job = student_job(prepare(config, "kd"), build_architecture("resnet20", 10), "kd")
+    config, job = view_job(tmp_path, teacher_checkpoint, blur=1.5)
     assert job.teacher is not None and not job.stored_logits and job.blur == 1.5
     assert kd_targets(config, "kd").endswith("or blurred view the student sees")
     with pytest.raises(InputError, match="blur is a largest sigma"):
-        parse_eval_config(config_for(tmp_path, teacher_checkpoint, shards, blur=-1))
+        parse_eval_config(
+            config_for(tmp_path, teacher_checkpoint, Path(config.data.shards), blur=-1)
+        )
 
     torch.manual_seed(0)
     images = torch.randn(64, 3, 16, 16)
