@@ -28,15 +28,31 @@ KINDS = ("inline", "ray", "retrieval", "translation")
 
 
 def environment() -> dict[str, str]:
-    """What the bytes depend on besides the code."""
+    """What the bytes depend on besides the code: torch, the CPU (two CPUs of one
+    capability level, AVX512, give different bytes: oneDNN picks kernels by the model's
+    features) and whether it has native bf16 (``precision: auto`` autocasts only there)."""
     import torch
+
+    from synthesizers.precision import cpu_has_native_bf16
 
     return {
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": str(cpu_has_native_bf16()),
         "threads": str(torch.get_num_threads()),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def digests(folder: Path) -> dict[str, str]:
