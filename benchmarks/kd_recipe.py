@@ -4,13 +4,12 @@ The ladder's student peaks early on a small synthetic set and then decays (it fi
 teacher on a narrow set of images), and normalises real images with statistics of
 synthetic ones. This benchmark asks whether mixup (``data.mixup``), per-image
 photometric shifts (``data.colour``) or per-image blur (``data.blur``), with the teacher
-run on the new images, change
-that, for the real row and a method row alike, without looking at the test set: each
-variant is evaluated on a held-out slice of the CIFAR-10 training images (the last
-``--holdout`` images of each class by name, which neither the ladder's real row nor its
-statistics use). The shards are the
-ladder's (run ``quality_ladder.py`` for those rows first); the KD recipe is the ladder's
-except for the variant.
+run on the new images, change that, for the real row and a method row alike, without
+looking at the test set: each variant is evaluated on a held-out slice of the CIFAR-10
+training images (the last ``--holdout`` images of each class by name, which neither the
+ladder's real row nor its statistics use). The shards are the ladder's (run
+``quality_ladder.py`` for those rows first); the KD recipe is the ladder's except for the
+variant.
 
 Resumable per (row, variant, seed): results are written as each run finishes.
 

@@ -80,9 +80,14 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     augmentation does. Either way a ``stored`` run needs ``logits.npy`` in every shard
     (checked before training).
     """
-    data = config.data
-    new_views = data.augment or data.mixup or data.colour or data.blur
+    new_views = config.data.augment or makes_new_images(config)
     return config.train.logits == "stored" and not new_views
+
+
+def makes_new_images(config: EvalConfig) -> bool:
+    """Whether ``data.mixup``, ``data.colour`` or ``data.blur`` make images that the
+    shards do not hold (beyond augmentation's crops and flips)."""
+    return bool(config.data.mixup or config.data.colour or config.data.blur)
 
 
 def kd_targets(config: EvalConfig, command: str) -> str:
@@ -91,7 +96,7 @@ def kd_targets(config: EvalConfig, command: str) -> str:
         return "hard labels only"
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
-    if config.data.mixup or config.data.colour or config.data.blur:
+    if makes_new_images(config):
         return "teacher run on each mixed, recoloured or blurred view the student sees"
     if config.train.logits == "stored":
         return "teacher run on each augmented view (stored logits describe the unaugmented image)"
