@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,13 +32,9 @@ RESNET56 = SHARED / "models" / "cifar10-resnet" / "resnet56-4bfd9763.th"
 
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from synthesizers.precision import cpu_model
+
+    return cpu_model()
 
 
 @contextlib.contextmanager

@@ -4,21 +4,35 @@
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Any
 
 import torch
 
 
 @functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 instructions (avx512_bf16 or AMX), where bf16
     autocast is faster than fp32 rather than emulated."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

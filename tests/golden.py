@@ -33,26 +33,16 @@ def environment() -> dict[str, str]:
     features) and whether it has native bf16 (``precision: auto`` autocasts only there)."""
     import torch
 
-    from synthesizers.precision import cpu_has_native_bf16
+    from synthesizers.precision import cpu_has_native_bf16, cpu_model
 
     return {
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": str(cpu_has_native_bf16()),
         "threads": str(torch.get_num_threads()),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def digests(folder: Path) -> dict[str, str]:
