@@ -3,7 +3,8 @@
 The ladder's student peaks early on a small synthetic set and then decays (it fits the
 teacher on a narrow set of images), and normalises real images with statistics of
 synthetic ones. This benchmark asks whether mixup (``data.mixup``), per-image
-photometric shifts (``data.colour``) or per-image blur (``data.blur``), with the teacher
+photometric shifts (``data.colour``), per-image blur (``data.blur``) or JPEG re-encoding
+(``data.jpeg``), with the teacher
 run on the new images, change that, for the real row and a method row alike, without
 looking at the test set: each variant is evaluated on a held-out slice of the CIFAR-10
 training images (the last ``--holdout`` images of each class by name, which neither the
@@ -18,6 +19,8 @@ Resumable per (row, variant, seed): results are written as each run finishes.
     python benchmarks/kd_recipe.py --rows real,class-conditional-smooth@100 --mixup 0 --epochs 60
     python benchmarks/kd_recipe.py --rows class-conditional-smooth@100 --mixup 0,1 --blur 1 \
         --epochs 60
+    python benchmarks/kd_recipe.py --rows class-conditional-smooth@100,real --mixup "" \
+        --jpeg 75 --epochs 60 --seeds 2
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--blur", default="", help="comma-separated data.blur largest sigmas (mixup off)"
     )
+    parser.add_argument(
+        "--jpeg", default="", help="comma-separated data.jpeg lowest qualities (mixup off)"
+    )
     parser.add_argument("--holdout", type=int, default=100, help="training images per class")
     parser.add_argument(
         "--epochs", type=int, default=EPOCHS, help="other than the ladder's: a variant"
@@ -83,10 +89,10 @@ def arguments() -> argparse.Namespace:
     args.schedule = schedule_suffix(args.epochs)  # in names and keys
     args.views = {}  # eval_data's; each variant sets its own field
     args.variants = []
-    for field in ("mixup", "colour", "blur"):
-        text = getattr(args, field)
+    for field in ("mixup", "colour", "blur", "jpeg"):
+        text, kind = getattr(args, field), int if field == "jpeg" else float
         try:
-            args.variants += [(field, float(v)) for v in text.split(",") if v]
+            args.variants += [(field, kind(v)) for v in text.split(",") if v]
         except ValueError:
             parser.error(f"--{field} takes comma-separated numbers, got {text!r}")
     return args

@@ -74,7 +74,11 @@ TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
 JUDGE = {"arch": "resnet20", "checkpoint": str(RESNET20), "name": "resnet20"}
 TRAIN, TEST = f"{CIFAR}/cifar10-jpeg/train", f"{CIFAR}/cifar10-jpeg/test"
 EPOCHS = 30  # the KD schedule of every row
-VIEWS = ("mixup", "blur")  # new views of the images KD may add (data.*; 0: off, the ladder's)
+VIEWS = (
+    "mixup",
+    "blur",
+    "jpeg",
+)  # new views of the images KD may add (data.*; 0: off, the ladder's)
 ROWS = [
     "real",
     "noise",
@@ -120,7 +124,7 @@ def valid_row(row: str) -> bool:
 
 def schedule_suffix(epochs: int, views: dict[str, float] | None = None) -> str:
     """What a KD recipe other than the ladder's (another schedule; new views of the
-    images, ``data.mixup`` or ``data.blur``) adds to a student's folder and key
+    images, ``data.mixup``, ``data.blur`` or ``data.jpeg``) adds to a student's folder and key
     (``-e60``, ``-e60-mixup1``), so that it never resumes or overwrites a student of
     another recipe."""
     suffix = "" if epochs == EPOCHS else f"-e{epochs}"
@@ -485,7 +489,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--statistics-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     for view in VIEWS:
-        parser.add_argument(f"--{view}", type=float, default=0.0, help=f"KD's data.{view}")
+        kind = int if view == "jpeg" else float
+        parser.add_argument(f"--{view}", type=kind, default=0, help=f"KD's data.{view}")
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)

@@ -34,6 +34,7 @@ class DataConfig:
     mixup: float = 0.0  # Beta(a, a) mixing of each batch with itself shuffled; 0: off
     colour: float = 0.0  # per-image contrast, brightness and colour shifts of strength s; 0: off
     blur: float = 0.0  # per-image Gaussian blur, sigma ~ U(0, blur) pixels; 0: off
+    jpeg: int = 0  # per-image JPEG re-encoding at a quality drawn from [jpeg, 95]; 0: off
 
     def __post_init__(self) -> None:
         if self.mixup < 0:
@@ -42,6 +43,8 @@ class DataConfig:
             raise ValueError(f"colour is a strength in [0, 1] (0: off), got {self.colour}")
         if not 0 <= self.blur <= 4:
             raise ValueError(f"blur is a largest sigma in [0, 4] pixels (0: off), got {self.blur}")
+        if not 0 <= self.jpeg <= 95:
+            raise ValueError(f"jpeg is a lowest quality in [1, 95] (0: off), got {self.jpeg}")
         if not self.shards:
             raise ValueError("shards is required (a run folder, manifest, shards folder or glob)")
         if self.shuffle_buffer < 0 or self.loader_workers < 0:

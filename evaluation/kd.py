@@ -57,6 +57,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         mixup=config.data.mixup,
         colour=config.data.colour,
         blur=config.data.blur,
+        jpeg=config.data.jpeg,
         seed=config.run.seed,
         storage_options=inputs.options,
     )
@@ -76,18 +77,19 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     evaluation loads anyway (from ``teacher`` or the run's manifest), is run on each
     augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
     stored logits are used and the teacher is not run during training. ``data.mixup``,
-    ``data.colour`` and ``data.blur`` make new images too, so they run the teacher like
-    augmentation does. Either way a ``stored`` run needs ``logits.npy`` in every shard
-    (checked before training).
+    ``data.colour``, ``data.blur`` and ``data.jpeg`` make new images too, so they run the
+    teacher like augmentation does. Either way a ``stored`` run needs ``logits.npy`` in
+    every shard (checked before training).
     """
     new_views = config.data.augment or makes_new_images(config)
     return config.train.logits == "stored" and not new_views
 
 
 def makes_new_images(config: EvalConfig) -> bool:
-    """Whether ``data.mixup``, ``data.colour`` or ``data.blur`` make images that the
-    shards do not hold (beyond augmentation's crops and flips)."""
-    return bool(config.data.mixup or config.data.colour or config.data.blur)
+    """Whether ``data.mixup``, ``data.colour``, ``data.blur`` or ``data.jpeg`` make images
+    that the shards do not hold (beyond augmentation's crops and flips)."""
+    data = config.data
+    return bool(data.mixup or data.colour or data.blur or data.jpeg)
 
 
 def kd_targets(config: EvalConfig, command: str) -> str:
@@ -97,7 +99,7 @@ def kd_targets(config: EvalConfig, command: str) -> str:
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
     if makes_new_images(config):
-        return "teacher run on each mixed, recoloured or blurred view the student sees"
+        return "teacher run on each mixed, recoloured, blurred or re-encoded view the student sees"
     if config.train.logits == "stored":
         return "teacher run on each augmented view (stored logits describe the unaugmented image)"
     return "teacher run on each view the student sees"

@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from evaluation.sources import ShardError, ShardRef, ShardSet, read_shard, resolve_shards
 from evaluation.split import Consumer, Part, part_of, steps_per_rank
+from evaluation.views import jpeg
 from pipeline.errors import InputError
 from pipeline.io.images import decode
 from pipeline.io.storage import redact
@@ -55,7 +56,9 @@ class ShardDataset(IterableDataset):
     Yields ``(image (3, H, W) float32 normalised, label)`` and, with ``logits=True``,
     the stored teacher logits ``(K,)`` float32 as a third item; with ``batch_size``, the
     same stacked into batches ``(B, 3, H, W)``, ``(B,)``, ``(B, K)`` of the planned sizes.
-    ``augment`` applies a random 4-pixel-padded crop and horizontal flip. Call
+    ``augment`` applies a random 4-pixel-padded crop and horizontal flip; ``jpeg`` > 0
+    then re-encodes each image as JPEG at a quality drawn from [``jpeg``, 95]
+    (:func:`evaluation.views.jpeg`). Call
     :meth:`set_epoch` before each epoch: the shard order and the shuffle buffer are
     seeded by (seed, epoch).
     """
@@ -71,6 +74,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 0,
         logits: bool = False,
         augment: bool = False,
+        jpeg: int = 0,
         seed: int = 0,
         storage_options: dict[str, Any] | None = None,
         batch_size: int | None = None,
@@ -84,16 +88,17 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.logits = logits
         self.augment = augment
+        self.jpeg = jpeg
         self.seed = seed
         self.epoch = 0
         self.storage_options = dict(storage_options or {})
         self.batch_size = batch_size
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if logits and augment:  # see evaluation.kd.uses_stored_logits
+        if logits and (augment or jpeg):  # see evaluation.kd.uses_stored_logits
             raise ValueError(
-                "stored logits describe the unaugmented image: with augment, run the "
-                "teacher on the augmented view instead of asking for logits"
+                "stored logits describe the stored image: with augment or jpeg, run the "
+                "teacher on the view instead of asking for logits"
             )
 
     def __repr__(self) -> str:  # no storage secrets in logs
@@ -184,6 +189,7 @@ class ShardDataset(IterableDataset):
         image = torch.tensor(array).permute(2, 0, 1)  # (3, H, W) uint8
         if self.augment:
             image = random_crop_flip(image[None], generator)[0]
+        image = jpeg(image, self.jpeg, generator)
         image = (image.float() / 255.0 - self.mean) / self.std
         label = int(sample["cls"])
         if not self.logits:

@@ -68,6 +68,7 @@ class TrainJob:
     mixup: float = 0.0  # Beta(mixup, mixup) batch mixing (targets from the mixed images)
     colour: float = 0.0  # recolour's strength (targets from the recoloured images)
     blur: float = 0.0  # blur's largest sigma in pixels (targets from the blurred images)
+    jpeg: int = 0  # lowest JPEG quality of the loader's re-encoding (targets from it); 0: off
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch always is one
@@ -153,6 +154,7 @@ def train_loop(config: dict[str, Any]) -> None:
         shuffle_buffer=job.shuffle_buffer,
         logits=job.stored_logits,
         augment=job.augment,
+        jpeg=job.jpeg,
         seed=job.seed,
         storage_options=job.storage_options,
         batch_size=per_worker,

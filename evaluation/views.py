@@ -1,12 +1,16 @@
-"""New views of the training images for the student (mixup, per-image recolouring and
-blurring), and its batch norms' statistics recomputed over such views after training."""
+"""New views of the training images for the student (mixup, per-image recolouring,
+blurring and JPEG re-encoding), and its batch norms' statistics recomputed over such
+views after training."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from pipeline.models.accuracy import normalise
@@ -80,6 +84,27 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
     flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
     return flat.reshape(batch, channels, height, width)
+
+
+JPEG_BEST = 95  # the highest quality a ``data.jpeg`` view draws
+
+
+def jpeg(image: torch.Tensor, lowest: int, generator: torch.Generator) -> torch.Tensor:
+    """One uint8 image (3, H, W) encoded as JPEG and decoded again, at a quality drawn
+    uniformly from [``lowest``, 95] (0: unchanged), with PIL's default 4:2:0 chroma
+    subsampling.
+
+    Synthetic images are stored losslessly; real photographs, and the CIFAR-10 JPEG test
+    images (quality 75, 4:2:0), carry the codec's blocking, ringing and halved colour
+    resolution, which a student of clean images never saw. Teacher targets are computed on
+    the re-encoded image, as for the other views."""
+    if lowest <= 0:
+        return image
+    quality = int(torch.randint(lowest, JPEG_BEST + 1, (1,), generator=generator))
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=quality)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    return torch.from_numpy(decoded.copy()).permute(2, 0, 1)
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def test_stored_logits_teach_only_the_unaugmented_image(
     else:  # the student sees the stored image: the stored logits are its targets
         assert job.teacher is None and job.stored_logits and not job.augment
         assert kd_targets(config, "kd") == "stored logits.npy (images unaugmented)"
-    with pytest.raises(ValueError, match="stored logits describe the unaugmented image"):
+    with pytest.raises(ValueError, match="stored logits describe the stored image"):
         ShardDataset(
             resolve_shards(str(shards)).shards, (0,) * 3, (1,) * 3, logits=True, augment=True
         )
@@ -123,7 +123,7 @@ def test_blur_gives_each_image_its_own_gaussian_and_the_teacher_labels_the_view(
 
     config, job = view_job(tmp_path, teacher_checkpoint, blur=1.5)
     assert job.teacher is not None and not job.stored_logits and job.blur == 1.5
-    assert kd_targets(config, "kd").endswith("or blurred view the student sees")
+    assert "blurred" in kd_targets(config, "kd")
     with pytest.raises(InputError, match="blur is a largest sigma"):
         parse_eval_config(
             config_for(tmp_path, teacher_checkpoint, Path(config.data.shards), blur=-1)
@@ -143,6 +143,53 @@ def test_blur_gives_each_image_its_own_gaussian_and_the_teacher_labels_the_view(
     offsets = (torch.arange(17.0) - 8) ** 2
     spread = (out[:, 0].sum(1) * offsets).sum(1).sqrt()  # each image's sigma (truncated)
     assert spread.min() >= 0 and spread.max() <= 1.5 and spread.std() > 0.2
+
+
+def test_jpeg_reencodes_each_view_in_the_loader_and_the_teacher_labels_it(
+    teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.views import jpeg
+
+    config, job = view_job(tmp_path, teacher_checkpoint, jpeg=60)
+    assert job.teacher is not None and not job.stored_logits and job.jpeg == 60
+    assert kd_targets(config, "kd").endswith("or re-encoded view the student sees")
+    shards = Path(config.data.shards)
+    for bad, message in ((96, "jpeg is a lowest quality"), (75.5, "expected an integer")):
+        with pytest.raises(InputError, match=message):
+            parse_eval_config(config_for(tmp_path, teacher_checkpoint, shards, jpeg=bad))
+    with pytest.raises(ValueError, match="stored logits describe the stored image"):
+        ShardDataset(job.shards, job.mean, job.std, logits=True, jpeg=60)
+
+    def pixels(dataset: ShardDataset) -> torch.Tensor:
+        images = torch.stack([image for image, _ in dataset])
+        std, mean = torch.tensor(job.std).view(3, 1, 1), torch.tensor(job.mean).view(3, 1, 1)
+        return (images * std + mean).mul(255).round().to(torch.uint8)
+
+    stored = pixels(ShardDataset(job.shards, job.mean, job.std))
+    viewed = pixels(ShardDataset(job.shards, job.mean, job.std, jpeg=60, seed=3))
+    assert torch.equal(viewed, pixels(ShardDataset(job.shards, job.mean, job.std, jpeg=60, seed=3)))
+
+    def encoded(image: torch.Tensor, quality: int) -> torch.Tensor:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=quality)
+        return torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()).permute(
+            2, 0, 1
+        )
+
+    qualities = []
+    for before, after in zip(stored, viewed, strict=True):
+        assert not torch.equal(before, after)  # every image is re-encoded
+        matches = [q for q in range(60, 96) if torch.equal(encoded(before, q), after)]
+        assert matches, "not a JPEG re-encoding at a quality in [60, 95]"
+        qualities.append(matches[0])
+    assert len(set(qualities)) > 3  # a quality drawn per image
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(jpeg(stored[0], 0, generator), stored[0])
 
 
 def test_recalibration_averages_the_batches_and_leaves_the_model_as_it_was() -> None:
