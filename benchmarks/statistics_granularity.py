@@ -34,10 +34,11 @@ from pathlib import Path
 
 import common  # noqa: F401  (paths and environment first)
 import torch
-from common import CIFAR, RESNET20, cpu_name
+from common import CIFAR, RESNET20, cpu_name, teacher_logits
 from quality_ladder import TEACHER, accepted_by
 
 from evaluation.fidelity import diversity, frechet_distance, logits_and_features, precision_recall
+from evaluation.views import jpeg
 from pipeline.config import TeacherConfig, parse_config
 from pipeline.io.images import ImageFolder, open_image_folder
 from pipeline.models.teachers import load_teacher
@@ -99,6 +100,16 @@ def accept_rate(teacher, images: torch.Tensor, labels: torch.Tensor) -> float:
     return round(accepted_by(teacher, images, labels) / len(labels), 4)
 
 
+def jpeg_kept(teacher, images: torch.Tensor, quality: int = 75) -> float:
+    """The share of uint8 images whose teacher argmax survives JPEG re-encoding at
+    ``quality`` (the CIFAR-10 JPEG set's): how much of the teacher's evidence sits in
+    detail a codec removes (real training images: about 0.97)."""
+    generator = torch.Generator().manual_seed(0)
+    encoded = torch.stack([jpeg(image, quality, generator, quality) for image in images])
+    before, after = teacher_logits(teacher, images), teacher_logits(teacher, encoded)
+    return round(float((before.argmax(1) == after.argmax(1)).double().mean()), 4)
+
+
 def judge_measures(judge, images: torch.Tensor, labels: torch.Tensor, held_out, source_features):
     """Agreement, precision/recall and FD against the held-out images, spread, and the
     nearest-source ratio (all in the judge's penultimate features)."""
@@ -148,7 +159,9 @@ def parse_start(text: str) -> tuple[str, float, float, float]:
     return kind, values[0], values[1], values[2]
 
 
-def run_variant(variant: str, tv_weight: float, init: str, args, teacher, judge, data) -> dict:
+def run_variant(
+    variant: str, tv_weight: float, init: str, spectrum: float, args, teacher, judge, data
+) -> dict:
     size, _, batch_text = variant.partition(":")
     size, batch = int(size), int(batch_text or args.batch)
     kind, scale, tint, correlation = parse_start(init)
@@ -160,6 +173,7 @@ def run_variant(variant: str, tv_weight: float, init: str, args, teacher, judge,
         init_scale=scale,
         init_tint=tint,
         init_correlation=correlation,
+        spectrum=spectrum,
     )
     statistics, row_labels = group_statistics(data["per_image"], data["source_labels"], size)
     labels, rows = target_rows(row_labels, args.images)
@@ -185,7 +199,9 @@ def run_variant(variant: str, tv_weight: float, init: str, args, teacher, judge,
         "batch": batch,
         "tv_weight": tv_weight,
         "init": init,
+        "spectrum": spectrum,
         "pixel_gradient": pixel_gradient(stored),
+        "jpeg_kept": jpeg_kept(teacher, stored),
         "mean_colour_spread": mean_colour_spread(stored),
         "colour_correlation": colour_correlation(stored),
         "rows": len(row_labels),
@@ -210,6 +226,11 @@ def main() -> None:
         "--init",
         default="noise",
         help="comma-separated starts: synthesizer.init[:init_scale[:init_tint[:init_correlation]]]",
+    )
+    parser.add_argument(
+        "--spectrum",
+        default="0",
+        help="comma-separated synthesizer.spectrum decays (0: pixels, the papers')",
     )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
@@ -248,7 +269,7 @@ def main() -> None:
     if record.get("settings") != settings:
         record = {"settings": settings, "variants": {}}
     record.update(device=f"{args.threads} thread(s), {cpu_name()}", torch=torch.__version__)
-    if "colour_correlation" not in record["variants"].get("real", {}):  # the source images
+    if "jpeg_kept" not in record["variants"].get("real", {}):  # the source images
         order = torch.argsort(torch.arange(len(source_labels)) % args.per_class, stable=True)
         pick = order[: args.images]  # class-balanced
         record["variants"]["real"] = {
@@ -256,19 +277,25 @@ def main() -> None:
             "pixel_gradient": pixel_gradient(source_images[pick]),
             "mean_colour_spread": mean_colour_spread(source_images[pick]),
             "colour_correlation": colour_correlation(source_images[pick]),
+            "jpeg_kept": jpeg_kept(teacher, source_images[pick]),
             "accept_rate": accept_rate(teacher, source_images[pick], source_labels[pick]),
             **judge_measures(judge, source_images[pick], source_labels[pick], *judge_features),
         }
     for variant in args.groups.split(","):
-        for tv_weight, init in product(
-            [float(v) for v in args.tv.split(",")], args.init.split(",")
+        for tv_weight, init, spectrum in product(
+            [float(v) for v in args.tv.split(",")],
+            args.init.split(","),
+            [float(v) for v in args.spectrum.split(",")],
         ):
             name = "g" + variant.replace(":", "-b")
             name += "" if tv_weight == DEFAULT_TV else f"-tv{tv_weight:g}"
             name += "" if init == "noise" else "-" + init.replace(":", "-")
+            name += f"-spectrum{spectrum:g}" if spectrum else ""
             if name not in record["variants"]:
                 started = time.perf_counter()
-                measured = run_variant(variant, tv_weight, init, args, teacher, judge, data)
+                measured = run_variant(
+                    variant, tv_weight, init, spectrum, args, teacher, judge, data
+                )
                 record["variants"][name] = measured
                 measured["wall_seconds"] = round(time.perf_counter() - started, 1)
                 path.write_text(json.dumps(record, indent=2) + "\n")
@@ -283,7 +310,9 @@ def write_table(path: Path, record: dict, args) -> None:
         "batch",
         "tv_weight",
         "init",
+        "spectrum",
         "pixel_gradient",
+        "jpeg_kept",
         "mean_colour_spread",
         "colour_correlation",
         "metadata_floats_per_source_image",
@@ -303,7 +332,7 @@ def write_table(path: Path, record: dict, args) -> None:
         f"class; reference: the next {args.held_out} per class (held out, not test images); "
         f"{record['device']}.\nCommand: `python benchmarks/statistics_granularity.py "
         f"--groups {args.groups} --images {args.images} --batch {args.batch} --tv {args.tv} "
-        f"--init {args.init}`\n",
+        f"--init {args.init} --spectrum {args.spectrum}`\n",
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]

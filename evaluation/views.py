@@ -89,10 +89,12 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 JPEG_BEST = 95  # the highest quality a ``data.jpeg`` view draws
 
 
-def jpeg(image: torch.Tensor, lowest: int, generator: torch.Generator) -> torch.Tensor:
+def jpeg(
+    image: torch.Tensor, lowest: int, generator: torch.Generator, highest: int = JPEG_BEST
+) -> torch.Tensor:
     """One uint8 image (3, H, W) encoded as JPEG and decoded again, at a quality drawn
-    uniformly from [``lowest``, 95] (0: unchanged), with PIL's default 4:2:0 chroma
-    subsampling.
+    uniformly from [``lowest``, ``highest``] (``lowest`` 0: unchanged), with PIL's default
+    4:2:0 chroma subsampling.
 
     Synthetic images are stored losslessly; real photographs, and the CIFAR-10 JPEG test
     images (quality 75, 4:2:0), carry the codec's blocking, ringing and halved colour
@@ -100,7 +102,7 @@ def jpeg(image: torch.Tensor, lowest: int, generator: torch.Generator) -> torch.
     the re-encoded image, as for the other views."""
     if lowest <= 0:
         return image
-    quality = int(torch.randint(lowest, JPEG_BEST + 1, (1,), generator=generator))
+    quality = int(torch.randint(lowest, highest + 1, (1,), generator=generator))
     buffer = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=quality)
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))

@@ -30,7 +30,7 @@ from synthesizers.affine import affine_batchnorm
 from synthesizers.hooks import batchnorm_layers, capture_statistics
 from synthesizers.loop import LoopRecord, adam, freeze, weighted_total
 from synthesizers.losses import fused_sample_moments, sample_moments
-from synthesizers.parametrisation import Parametrisation, PixelImages
+from synthesizers.parametrisation import Parametrisation, PixelImages, SpectralImages
 from synthesizers.precision import autocast_dtype, compile_enabled, grad_scaler
 from synthesizers.spec import (
     Stage,
@@ -119,7 +119,11 @@ class Synthesizer:
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
         init = spec.guidance.get("init_images")
         shape, clip = spec.image_shape, self.config.clip
-        start = self.config.start()
+        start, decay = self.config.start(), self.config.spectrum
+        if decay:
+            return SpectralImages(
+                len(spec.labels), shape, spec.mean, spec.std, init, clip, start, decay
+            )
         return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip, start)
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:

@@ -53,6 +53,9 @@ class SynthesizerConfig:
     init_scale: float = 1.0  # the start's pattern multiplied by this
     init_tint: float = 0.0  # std of one colour offset per image and channel added to it
     init_correlation: float = 0.0  # correlation between the start's colour channels
+    # optimise the pixels through their Fourier coefficients, frequency f's scaled by
+    # 1 / max(f, 1)^spectrum (low frequencies move first); 0: the pixels (the papers')
+    spectrum: float = 0.0
     log_every: int = 0  # log every term every N iterations; 0 logs only the end
     # Speed switches: each changes how fast the loop runs, never what it computes
     # (tests/test_performance.py checks each against the plain path).
@@ -93,6 +96,8 @@ class SynthesizerConfig:
             raise ValueError(f"init_tint must be non-negative, got {self.init_tint}")
         if not 0 <= self.init_correlation < 1:
             raise ValueError(f"init_correlation must be in [0, 1), got {self.init_correlation}")
+        if not 0 <= self.spectrum <= 4:
+            raise ValueError(f"spectrum must be a decay in [0, 4] (0: pixels), got {self.spectrum}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.compile not in ("auto", "on", "off"):

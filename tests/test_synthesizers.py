@@ -227,6 +227,49 @@ def test_the_start_correlation_makes_colour_channels_vary_together(kind: str) ->
     assert correlations(images.images / norm).min() > 0.85
 
 
+def test_the_spectrum_starts_where_pixels_do_and_moves_low_frequencies_first() -> None:
+    from synthesizers.parametrisation import PixelImages, SpectralImages, Start
+
+    def frequencies(size: int) -> torch.Tensor:
+        rows, columns = torch.fft.fftfreq(size) * size, torch.fft.rfftfreq(size) * size
+        return (rows[:, None] ** 2 + columns[None, :] ** 2).sqrt()
+
+    def step(images: Parametrisation, push: torch.Tensor) -> torch.Tensor:
+        before = images().detach().clone()
+        optimiser = torch.optim.Adam(images.parameters(), lr=0.05)
+        (images() * push).sum().backward()  # the same gradient for every pixel's frequency
+        optimiser.step()
+        return images().detach() - before
+
+    shape, start = (3, 32, 32), Start("smooth")
+    torch.manual_seed(0)
+    pixels = PixelImages(16, shape, MEAN, STD, clip=False, start=start)
+    torch.manual_seed(0)
+    spectral = SpectralImages(16, shape, MEAN, STD, clip=False, start=start, decay=1.0)
+    assert torch.allclose(spectral(), pixels(), atol=1e-5)
+    assert [name for name, _ in spectral.named_parameters()] == ["coefficients"]
+    push = torch.randn(16, *shape)
+    f = frequencies(32)
+    for images, high_over_low in ((pixels, (0.7, 1.5)), (spectral, (0.0, 0.2))):
+        change = torch.fft.rfft2(step(images, push), norm="ortho").abs()
+        ratio = change[..., f > 8].mean() / change[..., (f >= 1) & (f <= 2)].mean()
+        assert high_over_low[0] < ratio < high_over_low[1]
+
+    clipped = SpectralImages(4, shape, MEAN, STD, init=torch.full((4, *shape), 0.5), decay=2.0)
+    with torch.no_grad():
+        clipped.coefficients.mul_(1e3)
+    clipped.project()
+    unit = clipped.to_unit(clipped())
+    assert unit.min() > -1e-4 and unit.max() < 1 + 1e-4 and clipped().abs().max() > 1.5
+    with pytest.raises(ValueError, match=r"spectrum must be a decay in \[0, 4\]"):
+        DeepInversionConfig(spectrum=-1.0)
+    teacher = tiny_teacher()
+    config = {"lr": 0.1, "spectrum": 1.0}
+    short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1, **config))
+    long = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=60, **config))
+    assert long.synthesize(spec()).losses["total"] < short.synthesize(spec()).losses["total"]
+
+
 def test_optimisation_lowers_the_loss() -> None:
     teacher = tiny_teacher()
     short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
