@@ -74,11 +74,8 @@ TEACHER = {"arch": "resnet56", "checkpoint": str(RESNET56)}
 JUDGE = {"arch": "resnet20", "checkpoint": str(RESNET20), "name": "resnet20"}
 TRAIN, TEST = f"{CIFAR}/cifar10-jpeg/train", f"{CIFAR}/cifar10-jpeg/test"
 EPOCHS = 30  # the KD schedule of every row
-VIEWS = (
-    "mixup",
-    "blur",
-    "jpeg",
-)  # new views of the images KD may add (data.*; 0: off, the ladder's)
+# new views of the images KD may add (data.*; 0: off, the ladder's)
+VIEWS = ("mixup", "blur", "jpeg")
 ROWS = [
     "real",
     "noise",
@@ -95,17 +92,21 @@ ROWS = [
     "class-conditional-faint",
     "class-conditional-tinted",
     "class-conditional-correlated",
+    "class-conditional-spectrum",
 ]
 
 # Rows that differ from class-conditional only in the pixels' start (chosen on held-out
 # images: cpu-class-conditional-start.md): low frequencies only; at half amplitude; and
 # with a colour of each image's own; with colour channels that vary together, as real
-# images' do (the ladder's real training images: 0.88-0.95 within an image).
+# images' do (the ladder's real training images: 0.88-0.95 within an image). The last
+# starts smooth and optimises the pixels through their Fourier coefficients
+# (synthesizer.spectrum), so that fine detail grows slowly.
 STARTS: dict[str, dict[str, Any]] = {
     "class-conditional-smooth": {"init": "smooth"},
     "class-conditional-faint": {"init": "smooth", "init_scale": 0.5},
     "class-conditional-tinted": {"init": "smooth", "init_scale": 0.5, "init_tint": 0.5},
     "class-conditional-correlated": {"init": "smooth", "init_correlation": 0.9},
+    "class-conditional-spectrum": {"init": "smooth", "spectrum": 1.0},
 }
 
 

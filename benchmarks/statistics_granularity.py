@@ -160,7 +160,15 @@ def parse_start(text: str) -> tuple[str, float, float, float]:
 
 
 def run_variant(
-    variant: str, tv_weight: float, init: str, spectrum: float, args, teacher, judge, data
+    variant: str,
+    tv_weight: float,
+    init: str,
+    spectrum: float,
+    blur: float,
+    args,
+    teacher,
+    judge,
+    data,
 ) -> dict:
     size, _, batch_text = variant.partition(":")
     size, batch = int(size), int(batch_text or args.batch)
@@ -174,6 +182,7 @@ def run_variant(
         init_tint=tint,
         init_correlation=correlation,
         spectrum=spectrum,
+        blur=blur,
     )
     statistics, row_labels = group_statistics(data["per_image"], data["source_labels"], size)
     labels, rows = target_rows(row_labels, args.images)
@@ -200,6 +209,7 @@ def run_variant(
         "tv_weight": tv_weight,
         "init": init,
         "spectrum": spectrum,
+        "blur": blur,
         "pixel_gradient": pixel_gradient(stored),
         "jpeg_kept": jpeg_kept(teacher, stored),
         "mean_colour_spread": mean_colour_spread(stored),
@@ -231,6 +241,11 @@ def main() -> None:
         "--spectrum",
         default="0",
         help="comma-separated synthesizer.spectrum decays (0: pixels, the papers')",
+    )
+    parser.add_argument(
+        "--blur",
+        default="0",
+        help="comma-separated synthesizer.blur largest sigmas (0: off, the papers')",
     )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
@@ -282,19 +297,21 @@ def main() -> None:
             **judge_measures(judge, source_images[pick], source_labels[pick], *judge_features),
         }
     for variant in args.groups.split(","):
-        for tv_weight, init, spectrum in product(
+        for tv_weight, init, spectrum, blur in product(
             [float(v) for v in args.tv.split(",")],
             args.init.split(","),
             [float(v) for v in args.spectrum.split(",")],
+            [float(v) for v in args.blur.split(",")],
         ):
             name = "g" + variant.replace(":", "-b")
             name += "" if tv_weight == DEFAULT_TV else f"-tv{tv_weight:g}"
             name += "" if init == "noise" else "-" + init.replace(":", "-")
             name += f"-spectrum{spectrum:g}" if spectrum else ""
+            name += f"-blur{blur:g}" if blur else ""
             if name not in record["variants"]:
                 started = time.perf_counter()
                 measured = run_variant(
-                    variant, tv_weight, init, spectrum, args, teacher, judge, data
+                    variant, tv_weight, init, spectrum, blur, args, teacher, judge, data
                 )
                 record["variants"][name] = measured
                 measured["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -311,6 +328,7 @@ def write_table(path: Path, record: dict, args) -> None:
         "tv_weight",
         "init",
         "spectrum",
+        "blur",
         "pixel_gradient",
         "jpeg_kept",
         "mean_colour_spread",
@@ -332,7 +350,7 @@ def write_table(path: Path, record: dict, args) -> None:
         f"class; reference: the next {args.held_out} per class (held out, not test images); "
         f"{record['device']}.\nCommand: `python benchmarks/statistics_granularity.py "
         f"--groups {args.groups} --images {args.images} --batch {args.batch} --tv {args.tv} "
-        f"--init {args.init} --spectrum {args.spectrum}`\n",
+        f"--init {args.init} --spectrum {args.spectrum} --blur {args.blur}`\n",
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from pipeline.models.accuracy import normalise
+from synthesizers.loop import gaussian_blur
 
 
 def mix(
@@ -73,17 +73,7 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     smoother images than the set holds."""
     if sigma <= 0:
         return images
-    batch, channels, height, width = images.shape
-    radius = max(1, min(int(3 * sigma + 0.5), height // 2 - 1, width // 2 - 1))
-    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    sigmas = sigma * torch.rand(batch, 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-(offsets**2) / (2 * sigmas.clamp_min(1e-3) ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)
-    flat = images.reshape(1, batch * channels, height, width)
-    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
-    flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
-    flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
-    return flat.reshape(batch, channels, height, width)
+    return gaussian_blur(images, sigma * torch.rand(len(images), device=images.device))
 
 
 JPEG_BEST = 95  # the highest quality a ``data.jpeg`` view draws

@@ -28,7 +28,7 @@ from torch import nn
 
 from synthesizers.affine import affine_batchnorm
 from synthesizers.hooks import batchnorm_layers, capture_statistics
-from synthesizers.loop import LoopRecord, adam, freeze, weighted_total
+from synthesizers.loop import LoopRecord, adam, freeze, gaussian_blur, weighted_total
 from synthesizers.losses import fused_sample_moments, sample_moments
 from synthesizers.parametrisation import Parametrisation, PixelImages, SpectralImages
 from synthesizers.precision import autocast_dtype, compile_enabled, grad_scaler
@@ -147,13 +147,17 @@ class Synthesizer:
 
     # ---- the loop -----------------------------------------------------------------
     def augment(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """Random jitter (a roll by up to ``jitter`` pixels) and a random flip."""
+        """Random jitter (a roll by up to ``jitter`` pixels), a random flip and, with
+        ``blur``, a Gaussian blur of σ ~ U(0, ``blur``) pixels for each image."""
         limit = self.config.jitter
         if limit:
             dx, dy = rng.randint(-limit, limit), rng.randint(-limit, limit)
             images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
         if self.config.flip and rng.random() < 0.5:
             images = torch.flip(images, dims=(3,))
+        if self.config.blur:
+            sigmas = torch.tensor([rng.uniform(0, self.config.blur) for _ in images])
+            images = gaussian_blur(images, sigmas)
         return images
 
     def autocast(self):

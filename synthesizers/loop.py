@@ -1,5 +1,6 @@
 """The plain parts of the shared loop: freezing the teacher, the optimiser, the one sum of
-the weighted loss terms, and the record a run keeps (its final terms, early-stopping
+the weighted loss terms, a per-image Gaussian blur (an augmentation), and the record a
+run keeps (its final terms, early-stopping
 checks, and with ``keep_best`` the lowest-loss iterate)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,6 +32,27 @@ def adam(
         return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
         return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=True)
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each of the (B, C, H, W) ``images`` blurred by a Gaussian of its own σ (``sigmas``,
+    (B,), in pixels; 0 leaves an image as it is), reflect-padded, one separable kernel
+    per image for all its channels. The kernel sums to one, so blurring normalised images
+    equals normalising blurred pixels. Differentiable in the images."""
+    batch, channels, height, width = images.shape
+    largest = float(sigmas.max()) if len(sigmas) else 0.0
+    if largest <= 0:
+        return images
+    radius = max(1, min(int(3 * largest + 0.5), height // 2 - 1, width // 2 - 1))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    sigmas = sigmas.to(images.device, images.dtype).view(-1, 1).clamp_min(1e-3)
+    kernel = torch.exp(-(offsets**2) / (2 * sigmas**2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)
+    flat = images.reshape(1, batch * channels, height, width)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
+    flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
+    return flat.reshape(batch, channels, height, width)
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -46,6 +46,9 @@ class SynthesizerConfig:
     channels_last: bool = True
     jitter: int = 2  # random translation in pixels, each iteration
     flip: bool = True  # random horizontal flip, each iteration
+    # per-image Gaussian blur of the teacher's input, sigma ~ U(0, blur) pixels, each
+    # iteration (0: off, the papers'): class evidence has to survive a low-pass
+    blur: float = 0.0
     clip: bool = True  # pixels projected into the valid [0, 1] range after each step
     # the pixels' start: noise (N(0, 1) per pixel, the papers') | smooth (the same noise
     # drawn at a quarter of the side and upsampled: low frequencies only)
@@ -84,6 +87,8 @@ class SynthesizerConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.jitter < 0:
             raise ValueError(f"jitter must be non-negative, got {self.jitter}")
+        if not 0 <= self.blur <= 4:
+            raise ValueError(f"blur is a largest sigma in [0, 4] pixels (0: off), got {self.blur}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(
                 f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"

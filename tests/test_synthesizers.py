@@ -270,6 +270,32 @@ def test_the_spectrum_starts_where_pixels_do_and_moves_low_frequencies_first() -
     assert long.synthesize(spec()).losses["total"] < short.synthesize(spec()).losses["total"]
 
 
+def test_the_blur_augmentation_gives_each_image_its_own_gaussian_from_the_loops_draws() -> None:
+    from synthesizers.loop import gaussian_blur
+
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 16, 16, requires_grad=True)
+    sigmas = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    out = gaussian_blur(images, sigmas)
+    assert torch.allclose(out[0], images[0], atol=1e-6)  # sigma 0 (clamped to 1e-3)
+    energy = [(x[..., 1:] - x[..., :-1]).abs().mean().item() for x in out]
+    assert energy[0] > energy[1] > energy[2] > energy[3]  # more blur, less fine detail
+    out.sum().backward()  # differentiable in the images
+    assert torch.allclose(images.grad.sum((1, 2, 3)), torch.full((4,), 768.0), rtol=1e-4)
+    assert torch.equal(gaussian_blur(images, torch.zeros(4)), images)
+    with pytest.raises(ValueError, match=r"blur is a largest sigma in \[0, 4\]"):
+        DeepInversionConfig(blur=5.0)
+
+    config = DeepInversionConfig(jitter=0, flip=False, blur=1.5)
+    synthesizer = build_synthesizer("deepinversion", tiny_teacher(), config)
+    batch = torch.randn(6, 3, 16, 16)
+    rng = random.Random(7)
+    drawn = torch.tensor([rng.uniform(0, 1.5) for _ in range(6)])
+    augmented = synthesizer.augment(batch, random.Random(7))
+    assert torch.allclose(augmented, gaussian_blur(batch, drawn))
+    assert drawn.std() > 0.2 and not torch.allclose(augmented, batch)
+
+
 def test_optimisation_lowers_the_loss() -> None:
     teacher = tiny_teacher()
     short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
