@@ -92,21 +92,23 @@ ROWS = [
     "class-conditional-faint",
     "class-conditional-tinted",
     "class-conditional-correlated",
-    "class-conditional-spectrum",
+    "class-conditional-blurred",
 ]
 
 # Rows that differ from class-conditional only in the pixels' start (chosen on held-out
 # images: cpu-class-conditional-start.md): low frequencies only; at half amplitude; and
 # with a colour of each image's own; with colour channels that vary together, as real
 # images' do (the ladder's real training images: 0.88-0.95 within an image). The last
-# starts smooth and optimises the pixels through their Fourier coefficients
-# (synthesizer.spectrum), so that fine detail grows slowly.
+# starts smooth and blurs the teacher's input at every iteration (synthesizer.blur), so
+# that the class evidence has to survive a low-pass (JPEG at quality 75 keeps the
+# teacher's answer for 80% of such images against 68% of the smooth start's:
+# cpu-class-conditional-spectrum.md).
 STARTS: dict[str, dict[str, Any]] = {
     "class-conditional-smooth": {"init": "smooth"},
     "class-conditional-faint": {"init": "smooth", "init_scale": 0.5},
     "class-conditional-tinted": {"init": "smooth", "init_scale": 0.5, "init_tint": 0.5},
     "class-conditional-correlated": {"init": "smooth", "init_correlation": 0.9},
-    "class-conditional-spectrum": {"init": "smooth", "spectrum": 1.0},
+    "class-conditional-blurred": {"init": "smooth", "blur": 1.0},
 }
 
 
@@ -143,7 +145,9 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
     name = row
     row, iterations = split_row(row, args.iterations)
     method = "class-conditional" if row.startswith("class-conditional") else row
-    synthesizer: dict[str, Any] = {"name": method, "iterations": iterations}
+    # fp32 on every machine: precision auto autocasts to bf16 on CPUs with native bf16,
+    # and a row must not change with the machine it was synthesized on
+    synthesizer: dict[str, Any] = {"name": method, "iterations": iterations, "precision": "fp32"}
     metadata: dict[str, Any] | None = None
     plan = {"num_images": args.images, "batch_size": args.batch, "shard_size": 2 * args.batch}
     if row.startswith("class-conditional"):
@@ -509,6 +513,12 @@ def arguments() -> argparse.Namespace:
         help="after KD: every finished student's batch norms recomputed over its row's images "
         "recoloured at this strength (train.recalibrate), scored on the test images",
     )
+    parser.add_argument(
+        "--synthesize-only",
+        action="store_true",
+        help="write the rows' shards and stop (no measurement, no KD, no test image read): "
+        "the shards that benchmarks/kd_recipe.py compares on held-out training images",
+    )
     parser.add_argument("--full", action="store_true", help="paper scale: 50,000 images, ...")
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--results", default="benchmarks/results/quality-ladder.json")
@@ -566,6 +576,10 @@ def main() -> None:
             remeasure(row, record, args, work, teacher)
             save(record, args)
             print(json.dumps({"remeasured": row, "accept": record["rows"][row]["accept_rate"]}))
+        if args.synthesize_only:  # shards for kd_recipe's held-out choices; no test image
+            for row in args.rows:
+                print(json.dumps({"synthesized": row, **make_source(row, args, work, teacher)}))
+            return
         for seed in range(args.seeds):
             for row in args.rows:
                 entry = record["rows"].get(row)
