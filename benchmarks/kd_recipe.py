@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -132,7 +133,7 @@ def main() -> None:
         f"recipe (ResNet-56 → ResNet-20, {args.epochs} epochs, batch {args.kd_batch}, "
         f"{args.workers} Ray Train workers); evaluated on the last {args.holdout} training "
         f"images of each class ({10 * args.holdout} images, never in a ladder row). "
-        f"Command: `python benchmarks/kd_recipe.py {' '.join(sys.argv[1:])}`."
+        f"Command: `python benchmarks/kd_recipe.py {shlex.join(sys.argv[1:])}`."
     )
     with local_ray("kd-recipe"):
         for seed in range(args.seeds):

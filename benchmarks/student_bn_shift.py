@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -205,7 +206,7 @@ def main() -> None:
             f"recoloured at strength S (`data.colour`'s shifts, seed 0); balanced: as stored, "
             f"class logits shifted to equal mean probabilities over the held-out images. "
             f"KD {args.epochs} epochs. Command: "
-            f"`python benchmarks/student_bn_shift.py {' '.join(sys.argv[1:])}`."
+            f"`python benchmarks/student_bn_shift.py {shlex.join(sys.argv[1:])}`."
         ),
         "colours": args.colours,
         "classes": folder.classes,
