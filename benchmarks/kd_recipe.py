@@ -20,7 +20,7 @@ Resumable per (row, variant, seed): results are written as each run finishes.
     python benchmarks/kd_recipe.py --rows class-conditional-smooth@100 --mixup 0,1 --blur 1 \
         --epochs 60
     python benchmarks/kd_recipe.py --rows class-conditional-smooth@100,real --mixup "" \
-        --jpeg 75 --epochs 60 --seeds 2
+        --jpeg 75 --epochs 60 --seeds 2 [--jpeg-teacher stored]
 """
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--jpeg", default="", help="comma-separated data.jpeg lowest qualities (mixup off)"
+    )
+    parser.add_argument(
+        "--jpeg-teacher",
+        choices=("view", "stored"),
+        default="view",
+        help="data.jpeg_teacher for the --jpeg variants",
     )
     parser.add_argument("--holdout", type=int, default=100, help="training images per class")
     parser.add_argument(
@@ -139,13 +145,18 @@ def main() -> None:
         for seed in range(args.seeds):
             for row in rows:
                 for field, value in args.variants:
-                    key = f"{row}@{field}{value:g}{args.schedule}"
+                    paired = field == "jpeg" and args.jpeg_teacher == "stored"
+                    tag = f"{field}{value:g}" + ("-stored" if paired else "")
+                    key = f"{row}@{tag}{args.schedule}"
                     entry = record["runs"].setdefault(key, {"final": [], "best": [], "seconds": []})
                     if len(entry["final"]) > seed:
                         continue
-                    name = f"recipe-{row}-{field[0]}{value:g}{args.schedule}-s{seed}"
+                    short = f"{field[0]}{value:g}" + ("s" if paired else "")
+                    name = f"recipe-{row}-{short}{args.schedule}-s{seed}"
                     data = eval_data(str(run_folder(row, work)), args, name, seed, work / "eval")
                     data["data"].update({"test": str(holdout), field: value})
+                    if paired:
+                        data["data"]["jpeg_teacher"] = "stored"
                     started = time.perf_counter()
                     result = train_student(parse_eval_config(data), "kd")
                     entry["final"].append(result["final"]["test_accuracy"])

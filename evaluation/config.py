@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import RunConfig, TeacherConfig, build, read_config_data
 from pipeline.errors import InputError
@@ -35,6 +35,9 @@ class DataConfig:
     colour: float = 0.0  # per-image contrast, brightness and colour shifts of strength s; 0: off
     blur: float = 0.0  # per-image Gaussian blur, sigma ~ U(0, blur) pixels; 0: off
     jpeg: int = 0  # per-image JPEG re-encoding at a quality drawn from [jpeg, 95]; 0: off
+    # what the teacher answers with jpeg on: the re-encoded view the student sees (as for
+    # every view) or the stored image before re-encoding (cropped and flipped alike)
+    jpeg_teacher: Literal["view", "stored"] = "view"
 
     def __post_init__(self) -> None:
         if self.mixup < 0:
@@ -45,6 +48,13 @@ class DataConfig:
             raise ValueError(f"blur is a largest sigma in [0, 4] pixels (0: off), got {self.blur}")
         if not 0 <= self.jpeg <= 95:
             raise ValueError(f"jpeg is a lowest quality in [1, 95] (0: off), got {self.jpeg}")
+        others = {"mixup": self.mixup, "colour": self.colour, "blur": self.blur}
+        if self.jpeg_teacher == "stored" and any(others.values()):
+            named = ", ".join(k for k, v in others.items() if v)
+            raise ValueError(
+                f"jpeg_teacher: stored pairs each view with its stored image; {named} would "
+                "change the view alone: use jpeg_teacher: view with them"
+            )
         if not self.shards:
             raise ValueError("shards is required (a run folder, manifest, shards folder or glob)")
         if self.shuffle_buffer < 0 or self.loader_workers < 0:

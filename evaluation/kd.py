@@ -58,6 +58,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         colour=config.data.colour,
         blur=config.data.blur,
         jpeg=config.data.jpeg,
+        jpeg_teacher=config.data.jpeg_teacher,
         seed=config.run.seed,
         storage_options=inputs.options,
     )
@@ -98,6 +99,8 @@ def kd_targets(config: EvalConfig, command: str) -> str:
         return "hard labels only"
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
+    if config.data.jpeg and config.data.jpeg_teacher == "stored":
+        return "teacher run on each stored image (cropped and flipped), the student on its JPEG"
     if makes_new_images(config):
         return "teacher run on each mixed, recoloured, blurred or re-encoded view the student sees"
     if config.train.logits == "stored":

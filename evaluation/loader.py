@@ -58,7 +58,9 @@ class ShardDataset(IterableDataset):
     same stacked into batches ``(B, 3, H, W)``, ``(B,)``, ``(B, K)`` of the planned sizes.
     ``augment`` applies a random 4-pixel-padded crop and horizontal flip; ``jpeg`` > 0
     then re-encodes each image as JPEG at a quality drawn from [``jpeg``, 95]
-    (:func:`evaluation.views.jpeg`). Call
+    (:func:`evaluation.views.jpeg`), and with ``jpeg_teacher="stored"`` the image before
+    re-encoding (cropped and flipped alike) follows the label, for the teacher to answer
+    (``(view, label, image for the teacher)``). Call
     :meth:`set_epoch` before each epoch: the shard order and the shuffle buffer are
     seeded by (seed, epoch).
     """
@@ -75,6 +77,7 @@ class ShardDataset(IterableDataset):
         logits: bool = False,
         augment: bool = False,
         jpeg: int = 0,
+        jpeg_teacher: str = "view",
         seed: int = 0,
         storage_options: dict[str, Any] | None = None,
         batch_size: int | None = None,
@@ -89,6 +92,7 @@ class ShardDataset(IterableDataset):
         self.logits = logits
         self.augment = augment
         self.jpeg = jpeg
+        self.jpeg_teacher = jpeg_teacher
         self.seed = seed
         self.epoch = 0
         self.storage_options = dict(storage_options or {})
@@ -189,19 +193,24 @@ class ShardDataset(IterableDataset):
         image = torch.tensor(array).permute(2, 0, 1)  # (3, H, W) uint8
         if self.augment:
             image = random_crop_flip(image[None], generator)[0]
-        image = jpeg(image, self.jpeg, generator)
-        image = (image.float() / 255.0 - self.mean) / self.std
+        view = jpeg(image, self.jpeg, generator)
         label = int(sample["cls"])
+        if self.jpeg and self.jpeg_teacher == "stored":
+            return self._normalised(view), label, self._normalised(image)
         if not self.logits:
-            return image, label
+            return self._normalised(view), label
         if "logits.npy" not in sample:
             raise ShardError(f"{url}: sample {key} has no logits.npy (stored logits asked for)")
         logits = load_logits(sample["logits.npy"], f"{url}: sample {key}")
-        return image, label, torch.from_numpy(logits.astype(np.float32))
+        return self._normalised(view), label, torch.from_numpy(logits.astype(np.float32))
+
+    def _normalised(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.float() / 255.0 - self.mean) / self.std
 
 
 def _stacked(column: tuple) -> torch.Tensor:
-    """One batch column: images (B, 3, H, W), labels (B,) or logits (B, K)."""
+    """One batch column: images (B, 3, H, W), labels (B,), logits (B, K) or the teacher's
+    images."""
     return torch.stack([torch.as_tensor(item) for item in column])
 
 

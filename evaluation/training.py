@@ -68,7 +68,8 @@ class TrainJob:
     mixup: float = 0.0  # Beta(mixup, mixup) batch mixing (targets from the mixed images)
     colour: float = 0.0  # recolour's strength (targets from the recoloured images)
     blur: float = 0.0  # blur's largest sigma in pixels (targets from the blurred images)
-    jpeg: int = 0  # lowest JPEG quality of the loader's re-encoding (targets from it); 0: off
+    jpeg: int = 0  # lowest JPEG quality of the loader's re-encoding; 0: off
+    jpeg_teacher: str = "view"  # the teacher answers the re-encoded view or the stored image
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch always is one
@@ -155,6 +156,7 @@ def train_loop(config: dict[str, Any]) -> None:
         logits=job.stored_logits,
         augment=job.augment,
         jpeg=job.jpeg,
+        jpeg_teacher=job.jpeg_teacher,
         seed=job.seed,
         storage_options=job.storage_options,
         batch_size=per_worker,
@@ -211,8 +213,9 @@ def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int)
         if job.stored_logits:
             targets = batch[2].to(device)
         elif teacher is not None:
+            seen_by_teacher = batch[2].to(device) if len(batch) > 2 else images
             with torch.no_grad():
-                targets = teacher(images)
+                targets = teacher(seen_by_teacher)
         else:
             targets = None
         loss = kd_loss(model(images), targets, labels, job.temperature, job.alpha, mixed)

@@ -170,7 +170,7 @@ def test_jpeg_reencodes_each_view_in_the_loader_and_the_teacher_labels_it(
         std, mean = torch.tensor(job.std).view(3, 1, 1), torch.tensor(job.mean).view(3, 1, 1)
         return (images * std + mean).mul(255).round().to(torch.uint8)
 
-    stored = pixels(ShardDataset(job.shards, job.mean, job.std))
+    stored = pixels(ShardDataset(job.shards, job.mean, job.std, seed=3))
     viewed = pixels(ShardDataset(job.shards, job.mean, job.std, jpeg=60, seed=3))
     assert torch.equal(viewed, pixels(ShardDataset(job.shards, job.mean, job.std, jpeg=60, seed=3)))
 
@@ -190,6 +190,52 @@ def test_jpeg_reencodes_each_view_in_the_loader_and_the_teacher_labels_it(
     assert len(set(qualities)) > 3  # a quality drawn per image
     generator = torch.Generator().manual_seed(0)
     assert torch.equal(jpeg(stored[0], 0, generator), stored[0])
+
+
+def test_jpeg_teacher_stored_answers_the_image_before_reencoding(
+    teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    from torch.utils.data import DataLoader
+
+    from evaluation.training import _epoch
+
+    config, job = view_job(tmp_path, teacher_checkpoint, jpeg=60, jpeg_teacher="stored")
+    assert job.jpeg_teacher == "stored" and not job.stored_logits
+    assert kd_targets(config, "kd").startswith("teacher run on each stored image")
+    shards = Path(config.data.shards)
+    with pytest.raises(InputError, match="jpeg_teacher: stored pairs each view"):
+        parse_eval_config(
+            config_for(
+                tmp_path, teacher_checkpoint, shards, jpeg=60, jpeg_teacher="stored", mixup=1
+            )
+        )
+
+    plain = [image for image, _ in ShardDataset(job.shards, job.mean, job.std, seed=3)]
+    viewed = [image for image, _ in ShardDataset(job.shards, job.mean, job.std, jpeg=60, seed=3)]
+    paired = list(
+        ShardDataset(job.shards, job.mean, job.std, jpeg=60, jpeg_teacher="stored", seed=3)
+    )
+    for (view, _, stored), before, after in zip(paired, plain, viewed, strict=True):
+        assert torch.equal(stored, before) and torch.equal(view, after)
+
+    class Recording(torch.nn.Module):  # the teacher, keeping what it was asked
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.asked = inner, []
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            self.asked.append(images)
+            return self.inner(images)
+
+    teacher = Recording(job.teacher.eval())
+    dataset = ShardDataset(
+        job.shards, job.mean, job.std, jpeg=60, jpeg_teacher="stored", seed=3, batch_size=5
+    )
+    model = build_architecture("resnet20", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = DataLoader(dataset, batch_size=None)
+    _epoch(model, teacher, loader, optimizer, job, torch.device("cpu"), dataset.steps())
+    assert torch.equal(torch.cat(teacher.asked), torch.stack(plain))
 
 
 def test_recalibration_averages_the_batches_and_leaves_the_model_as_it_was() -> None:
