@@ -101,8 +101,8 @@ ROWS = [
 # images' do (the ladder's real training images: 0.88-0.95 within an image). The last
 # starts smooth and blurs the teacher's input at every iteration (synthesizer.blur), so
 # that the class evidence has to survive a low-pass (JPEG at quality 75 keeps the
-# teacher's answer for 80% of such images against 68% of the smooth start's:
-# cpu-class-conditional-spectrum.md).
+# teacher's answer for 82% of such images against 72% of the smooth start's, yet on
+# held-out images its students score 9 points lower: benchmarks/README.md).
 STARTS: dict[str, dict[str, Any]] = {
     "class-conditional-smooth": {"init": "smooth"},
     "class-conditional-faint": {"init": "smooth", "init_scale": 0.5},
