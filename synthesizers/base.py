@@ -28,9 +28,9 @@ from torch import nn
 
 from synthesizers.affine import affine_batchnorm
 from synthesizers.hooks import batchnorm_layers, capture_statistics
-from synthesizers.loop import LoopRecord, adam, freeze, gaussian_blur, weighted_total
+from synthesizers.loop import LoopRecord, adam, freeze, jitter_flip_blur, weighted_total
 from synthesizers.losses import fused_sample_moments, sample_moments
-from synthesizers.parametrisation import Parametrisation, PixelImages, SpectralImages
+from synthesizers.parametrisation import Parametrisation, pixel_images
 from synthesizers.precision import autocast_dtype, compile_enabled, grad_scaler
 from synthesizers.spec import (
     Stage,
@@ -117,14 +117,11 @@ class Synthesizer:
         return [Stage("main", self.config.iterations)]
 
     def parametrise(self, spec: SynthesisSpec) -> Parametrisation:
-        init = spec.guidance.get("init_images")
-        shape, clip = spec.image_shape, self.config.clip
-        start, decay = self.config.start(), self.config.spectrum
-        if decay:
-            return SpectralImages(
-                len(spec.labels), shape, spec.mean, spec.std, init, clip, start, decay
-            )
-        return PixelImages(len(spec.labels), shape, spec.mean, spec.std, init, clip, start)
+        init, c = spec.guidance.get("init_images"), self.config
+        shape, start = spec.image_shape, c.start()
+        return pixel_images(
+            len(spec.labels), shape, spec.mean, spec.std, init, c.clip, start, c.spectrum
+        )
 
     def optimizer(self, parametrisation: Parametrisation, stage: Stage) -> torch.optim.Optimizer:
         parameters = [p for p in parametrisation.parameters() if p.requires_grad]
@@ -147,18 +144,9 @@ class Synthesizer:
 
     # ---- the loop -----------------------------------------------------------------
     def augment(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """Random jitter (a roll by up to ``jitter`` pixels), a random flip and, with
-        ``blur``, a Gaussian blur of σ ~ U(0, ``blur``) pixels for each image."""
-        limit = self.config.jitter
-        if limit:
-            dx, dy = rng.randint(-limit, limit), rng.randint(-limit, limit)
-            images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
-        if self.config.flip and rng.random() < 0.5:
-            images = torch.flip(images, dims=(3,))
-        if self.config.blur:
-            sigmas = torch.tensor([rng.uniform(0, self.config.blur) for _ in images])
-            images = gaussian_blur(images, sigmas)
-        return images
+        """Random jitter, flip and blur of the teacher's input (:func:`jitter_flip_blur`)."""
+        c = self.config
+        return jitter_flip_blur(images, rng, c.jitter, c.flip, c.blur)
 
     def autocast(self):
         if self.dtype is None:

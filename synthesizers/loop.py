@@ -1,10 +1,11 @@
 """The plain parts of the shared loop: freezing the teacher, the optimiser, the one sum of
-the weighted loss terms, a per-image Gaussian blur (an augmentation), and the record a
-run keeps (its final terms, early-stopping
+the weighted loss terms, the teacher input's augmentation (jitter, flip, per-image
+Gaussian blur), and the record a run keeps (its final terms, early-stopping
 checks, and with ``keep_best`` the lowest-loss iterate)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,22 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
     flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
     return flat.reshape(batch, channels, height, width)
+
+
+def jitter_flip_blur(
+    images: torch.Tensor, rng: random.Random, jitter: int, flip: bool, blur: float
+) -> torch.Tensor:
+    """The batch rolled by up to ``jitter`` pixels, flipped with ``flip`` at random, and
+    each image blurred by a Gaussian of σ ~ U(0, ``blur``) pixels (0: none), all drawn
+    from ``rng``."""
+    if jitter:
+        dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
+        images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+    if flip and rng.random() < 0.5:
+        images = torch.flip(images, dims=(3,))
+    if blur:
+        images = gaussian_blur(images, torch.tensor([rng.uniform(0, blur) for _ in images]))
+    return images
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,11 +122,13 @@ class PixelImages(Parametrisation):
 
     @torch.no_grad()
     def project(self) -> None:
-        if not self.clip:
-            return
-        low = (0.0 - self.mean) / self.std
-        high = (1.0 - self.mean) / self.std
-        self.pixels.copy_(torch.maximum(torch.minimum(self.pixels, high), low))
+        if self.clip:
+            self.pixels.copy_(self.clipped(self.pixels))
+
+    def clipped(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised ``images`` clipped to the valid [0, 1] range."""
+        low, high = (0.0 - self.mean) / self.std, (1.0 - self.mean) / self.std
+        return torch.maximum(torch.minimum(images, high), low)
 
 
 class SpectralImages(PixelImages):
@@ -142,19 +145,10 @@ class SpectralImages(PixelImages):
     decorrelated space for the same reason. With ``clip`` the images are clipped to the
     valid range after each step and the coefficients recomputed from them."""
 
-    def __init__(
-        self,
-        batch: int,
-        image_shape: tuple[int, int, int],
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        init: torch.Tensor | None = None,
-        clip: bool = True,
-        start: Start = Start(),
-        decay: float = 1.0,
-    ) -> None:
-        super().__init__(batch, image_shape, mean, std, init, clip, start)
-        _, height, width = image_shape
+    def __init__(self, *args: Any, decay: float = 1.0, **kwargs: Any) -> None:
+        """:class:`PixelImages`' arguments, and the ``decay`` of the coefficients' scale."""
+        super().__init__(*args, **kwargs)
+        height, width = self.pixels.shape[-2:]
         rows = torch.fft.fftfreq(height) * height
         columns = torch.fft.rfftfreq(width) * width
         frequency = (rows[:, None] ** 2 + columns[None, :] ** 2).sqrt()
@@ -173,9 +167,21 @@ class SpectralImages(PixelImages):
 
     @torch.no_grad()
     def project(self) -> None:
-        if not self.clip:
-            return
-        low = (0.0 - self.mean) / self.std
-        high = (1.0 - self.mean) / self.std
-        pixels = torch.maximum(torch.minimum(self.forward(), high), low)
-        self.coefficients.copy_(self._coefficients(pixels))
+        if self.clip:
+            self.coefficients.copy_(self._coefficients(self.clipped(self.forward())))
+
+
+def pixel_images(
+    batch: int,
+    image_shape: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    init: torch.Tensor | None,
+    clip: bool,
+    start: Start,
+    spectrum: float = 0.0,
+) -> PixelImages:
+    """Pixels optimised directly, or through their spectrum when ``spectrum`` > 0."""
+    if spectrum:
+        return SpectralImages(batch, image_shape, mean, std, init, clip, start, decay=spectrum)
+    return PixelImages(batch, image_shape, mean, std, init, clip, start)
