@@ -48,6 +48,8 @@ class DataConfig:
             raise ValueError(f"blur is a largest sigma in [0, 4] pixels (0: off), got {self.blur}")
         if not 0 <= self.jpeg <= 95:
             raise ValueError(f"jpeg is a lowest quality in [1, 95] (0: off), got {self.jpeg}")
+        if self.jpeg_teacher == "stored" and not self.jpeg:
+            raise ValueError("jpeg_teacher: stored needs jpeg (a lowest quality); jpeg is 0 (off)")
         others = {"mixup": self.mixup, "colour": self.colour, "blur": self.blur}
         if self.jpeg_teacher == "stored" and any(others.values()):
             named = ", ".join(k for k, v in others.items() if v)

@@ -203,6 +203,8 @@ def test_jpeg_teacher_stored_answers_the_image_before_reencoding(
     assert job.jpeg_teacher == "stored" and not job.stored_logits
     assert kd_targets(config, "kd").startswith("teacher run on each stored image")
     shards = Path(config.data.shards)
+    with pytest.raises(InputError, match="jpeg_teacher: stored needs jpeg"):
+        parse_eval_config(config_for(tmp_path, teacher_checkpoint, shards, jpeg_teacher="stored"))
     with pytest.raises(InputError, match="jpeg_teacher: stored pairs each view"):
         parse_eval_config(
             config_for(
