@@ -139,11 +139,12 @@ class SpectralImages(PixelImages):
     change. Adam moves every parameter by about the learning rate whatever its gradient's
     size, so a coefficient of frequency f moves the image by about lr / f^decay: the low
     frequencies take the steps and the fine detail, where a teacher's evidence is least
-    like real images' (synthetic images carry three times real images' neighbour
-    differences, and JPEG at quality 75 changes the teacher's answer for 18% of them
-    against 3% of real ones), grows slowly. Feature visualisation optimises in such a
-    decorrelated space for the same reason. With ``clip`` the images are clipped to the
-    valid range after each step and the coefficients recomputed from them."""
+    like real images' (JPEG at quality 75 changes the teacher's answer for 28% of the
+    smooth start's class-conditional images against 1% of real ones), grows slowly.
+    Feature visualisation optimises in such a decorrelated space for the same reason; at
+    a short budget and the same learning rate it leaves the images less formed
+    (``benchmarks/README.md``). With ``clip`` the images are clipped to the valid range
+    after each step and the coefficients recomputed from them."""
 
     def __init__(self, *args: Any, decay: float = 1.0, **kwargs: Any) -> None:
         """:class:`PixelImages`' arguments, and the ``decay`` of the coefficients' scale."""
