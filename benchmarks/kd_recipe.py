@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cpu_name, local_ray
-from quality_ladder import EPOCHS, TRAIN, eval_data, run_folder, schedule_suffix
+from quality_ladder import EPOCHS, TRAIN, eval_data, run_folder, schedule_suffix, view_kind
 
 from evaluation.config import parse_eval_config
 from evaluation.kd import train_student
@@ -97,7 +97,7 @@ def arguments() -> argparse.Namespace:
     args.views = {}  # eval_data's; each variant sets its own field
     args.variants = []
     for field in ("mixup", "colour", "blur", "jpeg"):
-        text, kind = getattr(args, field), int if field == "jpeg" else float
+        text, kind = getattr(args, field), view_kind(field)
         try:
             args.variants += [(field, kind(v)) for v in text.split(",") if v]
         except ValueError:

@@ -56,7 +56,7 @@ from common import (
     teacher_logits,
 )
 
-from evaluation.config import parse_eval_config
+from evaluation.config import DataConfig, parse_eval_config
 from evaluation.fidelity import fd_name, run_fidelity
 from evaluation.kd import train_student
 from evaluation.loader import load_all
@@ -123,6 +123,12 @@ def valid_row(row: str) -> bool:
     if not budget:
         return method in ROWS and "@" not in row
     return method in ROWS[2:] and budget.isdigit() and int(budget) > 0
+
+
+def view_kind(view: str) -> type:
+    """The number type of KD's ``data.<view>`` (int for jpeg's quality, float otherwise),
+    read from its default in :class:`DataConfig`."""
+    return type(DataConfig.__dataclass_fields__[view].default)
 
 
 def schedule_suffix(epochs: int, views: dict[str, float] | None = None) -> str:
@@ -494,8 +500,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--statistics-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     for view in VIEWS:
-        kind = int if view == "jpeg" else float
-        parser.add_argument(f"--{view}", type=kind, default=0, help=f"KD's data.{view}")
+        parser.add_argument(f"--{view}", type=view_kind(view), default=0, help=f"KD's data.{view}")
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
