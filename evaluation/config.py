@@ -158,13 +158,16 @@ class FidelityConfig:
 
 @dataclass
 class EvalRuntimeConfig:
+    executor: str = "ray"  # ray (Ray Train) | inline (one worker in this process, no Ray)
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray on this machine
-    num_workers: int = 2  # Ray Train workers
+    num_workers: int = 2  # Ray Train workers (inline: one)
     use_gpu: bool = False  # one GPU per worker (nccl); CPU workers use gloo
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker deaths survived, resuming from the last checkpoint
 
     def __post_init__(self) -> None:
+        if self.executor not in ("ray", "inline"):
+            raise ValueError(f"executor must be ray or inline, got {self.executor!r}")
         if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ValueError("num_workers and cpus_per_worker must be positive")
 

@@ -1,12 +1,13 @@
-"""The one training loop (KD, from scratch, pruned fine-tuning) under Ray Train.
+"""The one training loop (KD, from scratch, pruned fine-tuning), under Ray Train or inline.
 
-:func:`fit` runs :func:`train_loop` on ``runtime.num_workers`` ``TorchTrainer`` workers
-(gloo on CPU, nccl on GPU). Each worker streams its share of the shards
+:func:`fit` runs :func:`run_loop` on ``runtime.num_workers`` ``TorchTrainer`` workers
+(gloo on CPU, nccl on GPU), or with ``runtime.executor: inline`` as one worker in this
+process (no Ray: one GPU, debugging). Each worker streams its share of the shards
 (:class:`evaluation.loader.ShardDataset`); rank 0 evaluates on the real test set every
 ``eval_every`` epochs and after the last, and after every epoch saves a checkpoint
 (model, optimizer, schedule, history) into the run's storage. When a worker dies, Ray
 Train restarts the group (``FailureConfig``) and the loop resumes from the last checkpoint,
-not from epoch 0.
+not from epoch 0; an inline run that stops resumes from it when run again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,7 +33,14 @@ from evaluation.split import steps_per_rank
 from evaluation.views import blur, mix, recolour
 from pipeline.errors import InputError
 from pipeline.execution.executor import connect_ray
-from pipeline.io.storage import filesystem, protocol_of
+from pipeline.io.storage import (
+    atomic_open,
+    exists,
+    filesystem,
+    join,
+    protocol_of,
+    read_bytes,
+)
 from pipeline.models.accuracy import classifier_accuracy
 from pipeline.models.teachers import load_weights
 
@@ -116,28 +125,59 @@ def schedule_factor(job: TrainJob, epoch: int) -> float:
     return job.gamma ** sum(epoch >= round(m * job.epochs) for m in job.milestones)
 
 
+@dataclass
+class Worker:
+    """Where :func:`run_loop` runs: a Ray Train worker, or this process
+    (``runtime.executor: inline``)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    saved: dict[str, Any] | None  # the last checkpoint's contents, to resume from
+    prepare: Callable[[nn.Module], nn.Module]  # onto the device (DDP under Ray)
+    report: Callable[[dict[str, Any], str | None], None]  # metrics, the checkpoint's folder
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """The per-worker loop (runs inside Ray Train)."""
+    """The per-worker loop under Ray Train."""
     import ray.train
     import ray.train.torch
 
-    job: TrainJob = config["job"]
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.get("threads", 1))
-    torch.manual_seed(job.seed + rank)
-    device = ray.train.torch.get_device()
-    model = job.model
-    state = {"epoch": 0, "history": [], "best": None, "resumed_from": []}
     checkpoint, saved = ray.train.get_checkpoint(), None
     if checkpoint:
         with checkpoint.as_directory() as folder:
             path = os.path.join(folder, CHECKPOINT_FILE)
             saved = load_weights(path, f"Ray Train checkpoint {path}")
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    worker = Worker(
+        rank=context.get_world_rank(),
+        world=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        saved=saved,
+        prepare=ray.train.torch.prepare_model,  # DDP; moves to the device
+        report=report,
+    )
+    run_loop(config["job"], worker)
+
+
+def run_loop(job: TrainJob, worker: Worker) -> None:
+    """Train ``job.model`` for the epochs the checkpoint has not done yet: one rank's share
+    of every epoch; rank 0 evaluates and hands each epoch's checkpoint to ``worker.report``."""
+    rank, world, device, saved = worker.rank, worker.world, worker.device, worker.saved
+    torch.manual_seed(job.seed + rank)
+    model = job.model
+    state = {"epoch": 0, "history": [], "best": None, "resumed_from": []}
+    if saved is not None:
         model.load_state_dict(saved["model"])
         state = saved["state"]
         state["resumed_from"].append(state["epoch"])
-    model = ray.train.torch.prepare_model(model)  # DDP; moves to the device
+    model = worker.prepare(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay
     )
@@ -177,7 +217,6 @@ def train_loop(config: dict[str, Any]) -> None:
             "samples_seen": seen,  # over all ranks: the epoch's samples, each once
             "seconds": time.perf_counter() - started,
         }
-        checkpoint = None
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.epochs:
@@ -197,9 +236,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     },
                     os.path.join(folder, CHECKPOINT_FILE),
                 )
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
             metrics = {k: v for k, v in entry.items() if k != "per_class"}
-            ray.train.report(metrics, checkpoint=checkpoint)
+            worker.report(metrics, folder if rank == 0 else None)
 
 
 def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int):
@@ -275,12 +313,39 @@ def storage_for(url: str, options: dict[str, Any] | None) -> tuple[str, Any]:
 def fit(
     job: TrainJob, runtime: EvalRuntimeConfig, storage_url: str, name: str, options=None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``job`` under ``TorchTrainer``; returns (trained model, history and best/final)."""
+    """Train ``job`` under ``TorchTrainer`` (``runtime.executor: ray``) or in this process
+    (``inline``); returns (trained model, history and best/final). Either resumes from the
+    last epoch's checkpoint in ``{storage_url}/{name}``."""
+    total = sum(shard.samples for shard in job.shards)
+    workers = runtime.num_workers if runtime.executor == "ray" else 1
+    steps_per_rank(total, workers, 1)  # InputError before any worker starts
+    if runtime.executor == "inline":
+        saved, where = _fit_inline(job, runtime, join(storage_url, name), options)
+    else:
+        saved, where = _fit_ray(job, runtime, storage_url, name, options)
+    model = copy.deepcopy(job.model)
+    model.load_state_dict(saved["model"])
+    state = saved["state"]
+    final = state["history"][-1]
+    summary = {
+        "history": state["history"],
+        "best": state["best"],
+        "final": {"epoch": final["epoch"], "test_accuracy": final["test_accuracy"]},
+        # .get: a checkpoint from before samples_seen was recorded resumes too
+        "samples_seen": [entry.get("samples_seen") for entry in state["history"]],
+        "per_class": final["per_class"],
+        "resumed_from": state["resumed_from"],
+        "checkpoints": where,
+    }
+    return model.eval(), summary
+
+
+def _fit_ray(
+    job: TrainJob, runtime: EvalRuntimeConfig, storage_url: str, name: str, options
+) -> tuple[dict[str, Any], str]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    total = sum(shard.samples for shard in job.shards)
-    steps_per_rank(total, runtime.num_workers, 1)  # InputError before any worker starts
     ray = connect(runtime)
     check_placement(runtime, ray.cluster_resources())
     path, storage_fs = storage_for(storage_url, options)
@@ -304,19 +369,29 @@ def fit(
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         path = os.path.join(folder, CHECKPOINT_FILE)
-        saved = load_weights(path, f"Ray Train checkpoint {path}")
-    model = copy.deepcopy(job.model)
-    model.load_state_dict(saved["model"])
-    state = saved["state"]
-    final = state["history"][-1]
-    summary = {
-        "history": state["history"],
-        "best": state["best"],
-        "final": {"epoch": final["epoch"], "test_accuracy": final["test_accuracy"]},
-        # .get: a checkpoint from before samples_seen was recorded resumes too
-        "samples_seen": [entry.get("samples_seen") for entry in state["history"]],
-        "per_class": final["per_class"],
-        "resumed_from": state["resumed_from"],
-        "checkpoints": result.path,
-    }
-    return model.eval(), summary
+        return load_weights(path, f"Ray Train checkpoint {path}"), result.path
+
+
+def _fit_inline(
+    job: TrainJob, runtime: EvalRuntimeConfig, folder_url: str, options
+) -> tuple[dict[str, Any], str]:
+    """One worker in this process, on the GPU with ``use_gpu``; after every epoch the
+    checkpoint replaces ``{folder_url}/state.pt`` whole, and a rerun resumes from it."""
+    if runtime.use_gpu and not torch.cuda.is_available():
+        raise InputError("runtime.use_gpu with runtime.executor inline: torch finds no CUDA GPU")
+    url = join(folder_url, CHECKPOINT_FILE)
+    saved = load_weights(read_bytes(url, options), url) if exists(url, options) else None
+    device = torch.device("cuda" if runtime.use_gpu else "cpu")
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        log.info("epoch %s: %s", metrics["epoch"], metrics)
+        with (
+            open(os.path.join(folder, CHECKPOINT_FILE), "rb") as f,
+            atomic_open(url, options) as out,
+        ):
+            out.write(f.read())
+
+    # the driver's job stays untrained, as it does when Ray Train pickles it to workers
+    job = replace(job, model=copy.deepcopy(job.model), teacher=copy.deepcopy(job.teacher))
+    run_loop(job, Worker(0, 1, device, saved, lambda model: model.to(device), report))
+    return load_weights(read_bytes(url, options), url), folder_url

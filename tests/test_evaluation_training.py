@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from ray_head import parent
 from pipeline.cli.main import main
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +221,51 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     assert results["resumed_from"] and 1 <= results["resumed_from"][0] < epochs
     assert [e["epoch"] for e in results["history"]] == list(range(1, epochs + 1))
     assert results["final"]["test_accuracy"] > results["untrained_accuracy"]
+
+
+NO_RAY = (
+    "import sys\n"
+    "sys.modules['ray'] = None  # any import of Ray fails\n"
+    "from pipeline.cli.main import main\n"
+    "sys.exit(main(['eval', 'kd', sys.argv[1]]))\n"
+)
+
+
+def test_inline_kd_runs_without_ray_and_a_killed_run_resumes_from_its_checkpoint(
+    data, teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    # runtime.executor inline: one worker in this process, in a Python where importing Ray
+    # fails; killed after its first checkpoint, then run again: it resumes, not restarts
+    epochs = 3
+    config = eval_config(
+        tmp_path,
+        data,
+        teacher_checkpoint,
+        train={"epochs": epochs, "logits": "stored", "alpha": 0.5},
+        runtime={"executor": "inline"},
+    )
+    storage = tmp_path / "eval" / "tiny" / "kd" / "inline"
+    command = [sys.executable, "-c", NO_RAY, str(config)]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if list(storage.glob("*/state.pt")):
+            process.kill()
+            break
+        time.sleep(0.05)
+    process.wait(60)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    (checkpoint,) = storage.glob("*/state.pt")
+    done = torch.load(checkpoint, weights_only=True)["state"]["epoch"]
+    assert 1 <= done < epochs
+    assert not list(storage.glob("*/*.partial-*"))  # replaced whole, never half-written
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    results = json.loads((tmp_path / "eval" / "tiny" / "kd" / "report.json").read_text())["results"]
+    assert results["resumed_from"] == [done]
+    assert [e["epoch"] for e in results["history"]] == list(range(1, epochs + 1))
+    assert results["samples_seen"] == [600] * epochs  # one worker sees every sample
+    assert results["final"]["test_accuracy"] >= results["untrained_accuracy"] + 0.15
 
 
 def test_prune_on_s3_removes_filters_and_fine_tunes_each_ratio(
