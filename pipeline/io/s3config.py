@@ -8,29 +8,35 @@ dreamshard's own, ``runtime.io_retries``). Each may be overridden in
 botocore asks every upload (``PutObject``, ``UploadPart``) to wait for ``100 Continue``
 before sending the body, and aiohttp bounds that wait by no timeout: a server that
 accepts the connection and never answers held a write forever, whatever
-``read_timeout`` said. :class:`NoExpectSession` sends the body at once instead, so the
+``read_timeout`` said. ``NoExpectSession`` sends the body at once instead, so the
 read timeout bounds the wait for the answer (a refused upload is then sent whole before
 its error arrives).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
-
-from aiobotocore.httpsession import AIOHTTPSession
 
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 15
 S3_BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 1}
 
 
-class NoExpectSession(AIOHTTPSession):
-    """aiobotocore's HTTP session, without ``Expect: 100-continue`` (not signed)."""
+@functools.cache
+def no_expect_session() -> type:
+    """``NoExpectSession``: aiobotocore's HTTP session without ``Expect: 100-continue``
+    (not signed). Built on first use, so that a run on local folders never imports the S3
+    stack (a machine without it, such as a GPU node running ``executor: inline``)."""
+    from aiobotocore.httpsession import AIOHTTPSession
 
-    async def send(self, request: Any) -> Any:
-        if "Expect" in request.headers:
-            del request.headers["Expect"]
-        return await super().send(request)
+    class NoExpectSession(AIOHTTPSession):
+        async def send(self, request: Any) -> Any:
+            if "Expect" in request.headers:
+                del request.headers["Expect"]
+            return await super().send(request)
+
+    return NoExpectSession
 
 
 def s3_config_kwargs(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -39,5 +45,5 @@ def s3_config_kwargs(config: dict[str, Any] | None) -> dict[str, Any]:
     config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
     config.setdefault("read_timeout", S3_READ_TIMEOUT_S)
     config.setdefault("retries", dict(S3_BOTOCORE_RETRIES))
-    config.setdefault("http_session_cls", NoExpectSession)
+    config.setdefault("http_session_cls", no_expect_session())
     return config
