@@ -6,6 +6,7 @@ of the project's.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -52,6 +53,21 @@ def local_ray(prefix: str, num_cpus: int | None = None) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def add_executor_option(parser: argparse.ArgumentParser) -> None:
+    """``--executor``: the pipeline's and KD's ``runtime.executor`` for a benchmark."""
+    parser.add_argument(
+        "--executor",
+        choices=("ray", "inline"),
+        default="ray",
+        help="inline: synthesis and KD in this process, no Ray (one machine, one GPU)",
+    )
+
+
+def engine(executor: str, prefix: str) -> contextlib.AbstractContextManager[None]:
+    """A private local Ray for ``executor`` ray; nothing for inline."""
+    return local_ray(prefix) if executor == "ray" else contextlib.nullcontext()
 
 
 def teacher_logits(teacher: Any, images: Any) -> Any:

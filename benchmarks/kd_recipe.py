@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cpu_name, local_ray
+from common import add_executor_option, cpu_name, engine
 from quality_ladder import EPOCHS, TRAIN, eval_data, run_folder, schedule_suffix, view_kind
 
 from evaluation.config import parse_eval_config
@@ -89,6 +89,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--gpu", action="store_true")
+    add_executor_option(parser)
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--results", default="benchmarks/results/cpu-kd-recipe.json")
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> None:
         f"images of each class ({10 * args.holdout} images, never in a ladder row). "
         f"Command: `python benchmarks/kd_recipe.py {shlex.join(sys.argv[1:])}`."
     )
-    with local_ray("kd-recipe"):
+    with engine(args.executor, "kd-recipe"):
         for seed in range(args.seeds):
             for row in rows:
                 for field, value in args.variants:

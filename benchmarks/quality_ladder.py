@@ -50,8 +50,9 @@ from common import (
     CIFAR,
     RESNET20,
     RESNET56,
+    add_executor_option,
     cpu_name,
-    local_ray,
+    engine,
     recognised_training_images,
     teacher_logits,
 )
@@ -182,7 +183,7 @@ def method_config(row: str, args: argparse.Namespace, work: Path, teacher: Any) 
         "synthesizer": synthesizer,
         "plan": plan,
         "filter": {"enabled": False},
-        "runtime": {"executor": "ray", "progress": False},
+        "runtime": {"executor": args.executor, "progress": False},
     }
     if metadata:
         data["metadata"] = metadata
@@ -302,7 +303,7 @@ def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Pat
             "eval_every": args.eval_every,
         },
         "fidelity": {"networks": [JUDGE], "max_images": args.images, "tsne": False},
-        "runtime": {"num_workers": args.workers, "use_gpu": args.gpu},
+        "runtime": {"executor": args.executor, "num_workers": args.workers, "use_gpu": args.gpu},
     }
 
 
@@ -506,6 +507,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--gpu", action="store_true", help="GPUs for synthesis and KD")
+    add_executor_option(parser)
     parser.add_argument(
         "--remeasure",
         default="",
@@ -575,7 +577,7 @@ def main() -> None:
     for row in args.remeasure:
         if row not in record["rows"]:
             raise InputError(f"--remeasure {row}: {results} has no such row yet")
-    with local_ray("ladder"):
+    with engine(args.executor, "ladder"):
         teacher = load_teacher(TeacherConfig(**TEACHER))
         for row in args.remeasure:
             remeasure(row, record, args, work, teacher)
