@@ -25,14 +25,19 @@ def _affine_forward(module: nn.modules.batchnorm._BatchNorm):
         shift = -module.running_mean.float() * scale
         if module.bias is not None:
             shift = shift + module.bias.float()
-    cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+    # every dtype the loop computes in, cast here (bf16 under autocast: rounded as autocast
+    # rounds weights), never inside the step: a compiled step that filled a cache would
+    # return the cast tensors as extra outputs, and under CUDA graphs (compile on a GPU)
+    # the next replay overwrites them while the cache still holds them
+    cache = {
+        dtype: (scale.to(dtype), shift.to(dtype))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    }
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         dims = (1, -1, *([1] * (x.ndim - 2)))  # (1, C, 1, 1)
-        if x.dtype not in cache:  # bf16 under autocast: rounded as autocast rounds weights
-            cache[x.dtype] = (scale.to(x.dtype).view(dims), shift.to(x.dtype).view(dims))
-        s, t = cache[x.dtype]
-        return torch.addcmul(t, x, s)
+        s, t = cache.get(x.dtype) or (scale.to(x.dtype), shift.to(x.dtype))
+        return torch.addcmul(t.view(dims), x, s.view(dims))
 
     return forward
 

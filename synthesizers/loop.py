@@ -107,8 +107,9 @@ class LoopRecord:
         lowest so far. On the device, with ``torch.where``: no host synchronisation."""
         current = {**{k: v.detach() for k, v in terms.items()}, "total": total.detach()}
         images = images.detach()
-        if self.best_images is None:
-            self.best, self.best_images = current, images.clone()
+        if self.best_images is None:  # copies: a CUDA graph's next replay reuses its outputs
+            self.best = {k: v.clone() for k, v in current.items()}
+            self.best_images = images.clone()
             return
         better = current["total"] < self.best["total"]  # a 0-d bool tensor
         self.best = {k: torch.where(better, v, self.best[k]) for k, v in current.items()}

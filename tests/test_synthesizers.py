@@ -296,6 +296,48 @@ def test_the_blur_augmentation_gives_each_image_its_own_gaussian_from_the_loops_
     assert drawn.std() > 0.2 and not torch.allclose(augmented, batch)
 
 
+def test_a_compiled_step_compiles_once_and_its_batch_norm_stores_no_traced_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # seen on one H200 (compile on, CUDA graphs): the affine batch norm cast its scale and
+    # shift inside the compiled step and kept them; the graph returned them as extra
+    # outputs, the next replay overwrote them, and reading them stopped the run
+    from torch._dynamo.testing import CompileCounter
+
+    from synthesizers.affine import affine_batchnorm
+
+    counter, original = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: original(fn, backend=counter))
+    config = DeepInversionConfig(iterations=3, compile="on", affine_batchnorm=True)
+    synth = build_synthesizer("deepinversion", tiny_teacher(), config, torch.device("cpu"))
+    for seed in range(3):
+        synth.synthesize(spec(seed=seed))
+    assert counter.frame_count == 1  # one compilation serves every iteration and batch
+
+    layer = tiny_teacher()[1]
+    graphs: list[torch.fx.GraphModule] = []
+    x = torch.randn(2, 8, 4, 4)
+    with affine_batchnorm([layer]):
+        got = original(layer, backend=lambda gm, _: graphs.append(gm) or gm.forward)(x)
+    (output,) = [node for node in graphs[0].graph.nodes if node.op == "output"]
+    assert len(output.args[0]) == 1  # the result alone
+    assert torch.allclose(got, layer(x), atol=1e-5)
+
+
+def test_the_kept_iterate_owns_its_terms_when_the_step_reuses_its_outputs() -> None:
+    # a step compiled with CUDA graphs writes every iteration's terms into the same
+    # memory: the first kept iterate must be a copy, not a view of the step's outputs
+    from synthesizers.loop import LoopRecord
+
+    run = LoopRecord()
+    terms, total = {"ce": torch.tensor(2.0)}, torch.tensor(3.0)
+    run.keep_if_best(torch.zeros(1, 3, 2, 2), terms, total)
+    terms["ce"].fill_(9.0), total.fill_(9.0)  # the next replay overwrites them
+    assert float(run.best["ce"]) == 2.0 and float(run.best["total"]) == 3.0
+    run.keep_if_best(torch.ones(1, 3, 2, 2), terms, total)  # 9 > 3: the first stays
+    assert float(run.best["total"]) == 3.0 and float(run.best_images.sum()) == 0.0
+
+
 def test_optimisation_lowers_the_loss() -> None:
     teacher = tiny_teacher()
     short = build_synthesizer("deepinversion", teacher, DeepInversionConfig(iterations=1))
