@@ -16,10 +16,11 @@ from dataclasses import replace
 from typing import Any
 
 from evaluation.config import EvalConfig
+from evaluation.fitting import fit
 from evaluation.inputs import Inputs, prepare
 from evaluation.loader import ShardDataset
 from evaluation.report import comparison_rows, write_bytes, write_report
-from evaluation.training import TrainJob, evaluate, fit
+from evaluation.training import TrainJob, evaluate
 from evaluation.views import recalibrate
 from pipeline.io.storage import join
 from pipeline.models.archs import build_architecture

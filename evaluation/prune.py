@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from evaluation.config import EvalConfig
+from evaluation.fitting import fit
 from evaluation.inputs import prepare
 from evaluation.kd import train_job
 from evaluation.report import write_report
-from evaluation.training import evaluate, fit
+from evaluation.training import evaluate
 from pipeline.io.storage import join
 from pipeline.models.archs.resnet_cifar import BasicBlock, PadShortcut
 from pipeline.models.teachers import classifier_name
