@@ -21,6 +21,8 @@ Resumable per (row, variant, seed): results are written as each run finishes.
         --epochs 60
     python benchmarks/kd_recipe.py --rows class-conditional-smooth@100,real --mixup "" \
         --jpeg 75 --epochs 60 --seeds 2 [--jpeg-teacher stored]
+    python benchmarks/kd_recipe.py --rows class-conditional-smooth@100 --mixup 1 --also jpeg=50 \
+        --epochs 60 --seeds 2
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def arguments() -> argparse.Namespace:
         "--jpeg", default="", help="comma-separated data.jpeg lowest qualities (mixup off)"
     )
     parser.add_argument(
+        "--also",
+        default="",
+        help="views every variant adds, as field=value pairs (--mixup 1 --also jpeg=50: "
+        "mixup on the JPEG view)",
+    )
+    parser.add_argument(
         "--jpeg-teacher",
         choices=("view", "stored"),
         default="view",
@@ -103,6 +111,18 @@ def arguments() -> argparse.Namespace:
             args.variants += [(field, kind(v)) for v in text.split(",") if v]
         except ValueError:
             parser.error(f"--{field} takes comma-separated numbers, got {text!r}")
+    also = {}
+    for pair in (p for p in args.also.split(",") if p):
+        field, _, value = pair.partition("=")
+        if field not in ("mixup", "colour", "blur", "jpeg") or not value:
+            parser.error(f"--also takes field=value pairs of mixup, colour, blur, jpeg: {pair!r}")
+        try:
+            also[field] = view_kind(field)(value)
+        except ValueError:
+            parser.error(f"--also {field} takes a number, got {value!r}")
+    if any(field in also for field, _ in args.variants):
+        parser.error("--also names a view that the variants vary")
+    args.also = also
     return args
 
 
@@ -146,16 +166,20 @@ def main() -> None:
         for seed in range(args.seeds):
             for row in rows:
                 for field, value in args.variants:
-                    paired = field == "jpeg" and args.jpeg_teacher == "stored"
-                    tag = f"{field}{value:g}" + ("-stored" if paired else "")
+                    views = {**args.also, field: value}
+                    paired = "jpeg" in views and args.jpeg_teacher == "stored"
+                    added = sorted(args.also.items())
+                    tag = f"{field}{value:g}" + "".join(f"+{k}{v:g}" for k, v in added)
+                    tag += "-stored" if paired else ""
                     key = f"{row}@{tag}{args.schedule}"
                     entry = record["runs"].setdefault(key, {"final": [], "best": [], "seconds": []})
                     if len(entry["final"]) > seed:
                         continue
-                    short = f"{field[0]}{value:g}" + ("s" if paired else "")
+                    short = f"{field[0]}{value:g}" + "".join(f"{k[0]}{v:g}" for k, v in added)
+                    short += "s" if paired else ""
                     name = f"recipe-{row}-{short}{args.schedule}-s{seed}"
                     data = eval_data(str(run_folder(row, work)), args, name, seed, work / "eval")
-                    data["data"].update({"test": str(holdout), field: value})
+                    data["data"].update({"test": str(holdout), **views})
                     if paired:
                         data["data"]["jpeg_teacher"] = "stored"
                     started = time.perf_counter()
