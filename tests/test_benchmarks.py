@@ -77,9 +77,10 @@ def test_another_kd_schedule_never_shares_the_ladders_students(
     views = ladder.schedule_suffix(60, {"mixup": 1.0, "blur": 0.0})  # 0: off, not named
     assert views == "-e60-mixup1" and ladder.schedule_suffix(30, {"blur": 1.5}) == "-blur1.5"
     args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
-    args.gpu, args.views = False, {"mixup": 1.0}
+    args.gpu, args.views, args.executor = False, {"mixup": 1.0}, "inline"
     data = ladder.eval_data("run", args, "name", 0, tmp_path)
     assert data["data"]["mixup"] == 1.0 and data["train"]["epochs"] == 60
+    assert data["runtime"]["executor"] == "inline"  # --executor reaches KD's runtime
 
 
 def test_granularity_pools_each_group_like_the_metadata_stage(
