@@ -276,3 +276,28 @@ def test_atomic_open_leaves_nothing_on_error(s3_server, size):
         f.write(data)
     assert fs.cat(f"{bucket}/b.bin") == data
     assert fs.ls(bucket, refresh=True) == [f"{bucket}/b.bin"]
+
+
+def test_s3_settings_need_no_s3_stack_until_used_and_pickle_by_reference() -> None:
+    # a run on local folders imports no aiobotocore (a GPU node without the S3 stack
+    # failed at import); the S3 options, built on first use, still pickle to Ray actors
+    import pickle
+    import subprocess
+    import sys
+
+    blocked = (
+        "import sys\n"
+        "sys.modules['aiobotocore'] = None\n"
+        "from pipeline.io.storage import normalise_options\n"
+        "import pipeline.config, evaluation.config\n"
+        "assert normalise_options('/tmp/x', {}) == {}\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    from pipeline.io.storage import normalise_options
+
+    options = normalise_options("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9"})
+    session = options["config_kwargs"]["http_session_cls"]
+    assert session.__name__ == "NoExpectSession"
+    assert pickle.loads(pickle.dumps(options))["config_kwargs"]["http_session_cls"] is session

@@ -36,7 +36,16 @@ def no_expect_session() -> type:
                 del request.headers["Expect"]
             return await super().send(request)
 
+    NoExpectSession.__qualname__ = "NoExpectSession"  # pickled by reference: see below
     return NoExpectSession
+
+
+def __getattr__(name: str) -> Any:
+    """``NoExpectSession`` as a module attribute, so that storage options holding it
+    pickle (to Ray actors) by reference, as a class defined at module level does."""
+    if name == "NoExpectSession":
+        return no_expect_session()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def s3_config_kwargs(config: dict[str, Any] | None) -> dict[str, Any]:
