@@ -30,6 +30,7 @@ whole column.
     python benchmarks/quality_ladder.py                       # the CPU ladder (hours)
     python benchmarks/quality_ladder.py --rows real,noise --seeds 1
     python benchmarks/quality_ladder.py --full --gpu          # 50,000 images, 2,000 iterations
+    python benchmarks/quality_ladder.py --executor inline --gpu   # one GPU, no Ray
     python benchmarks/quality_ladder.py --epochs 60 --mixup 1 --rows real,class-conditional@100
 """
 
