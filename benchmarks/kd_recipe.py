@@ -45,6 +45,8 @@ from evaluation.kd import train_student
 from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
 
+FIELDS = ("mixup", "colour", "blur", "jpeg")  # the KD views a variant can vary or add
+
 
 def holdout_folder(work: Path, per_class: int) -> Path:
     """The last ``per_class`` training images of each class (by name), as class folders."""
@@ -105,7 +107,7 @@ def arguments() -> argparse.Namespace:
     args.schedule = schedule_suffix(args.epochs)  # in names and keys
     args.views = {}  # eval_data's; each variant sets its own field
     args.variants = []
-    for field in ("mixup", "colour", "blur", "jpeg"):
+    for field in FIELDS:
         text, kind = getattr(args, field), view_kind(field)
         try:
             args.variants += [(field, kind(v)) for v in text.split(",") if v]
@@ -114,8 +116,8 @@ def arguments() -> argparse.Namespace:
     also = {}
     for pair in (p for p in args.also.split(",") if p):
         field, _, value = pair.partition("=")
-        if field not in ("mixup", "colour", "blur", "jpeg") or not value:
-            parser.error(f"--also takes field=value pairs of mixup, colour, blur, jpeg: {pair!r}")
+        if field not in FIELDS or not value:
+            parser.error(f"--also takes field=value pairs of {', '.join(FIELDS)}: {pair!r}")
         try:
             also[field] = view_kind(field)(value)
         except ValueError:

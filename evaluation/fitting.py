@@ -89,14 +89,15 @@ def storage_for(url: str, options: dict[str, Any] | None) -> tuple[str, Any]:
 
 
 def fit(
-    job: TrainJob, runtime: EvalRuntimeConfig, storage_url: str, name: str, options=None
+    job: TrainJob, runtime: EvalRuntimeConfig, output: str, name: str, options=None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``job`` under ``TorchTrainer`` (``runtime.executor: ray``) or in this process
     (``inline``); returns (trained model, history and best/final). Either resumes from the
-    last epoch's checkpoint in ``{storage_url}/{name}``."""
+    last epoch's checkpoint in ``{output}/{runtime.executor}/{name}``."""
     total = sum(shard.samples for shard in job.shards)
     workers = runtime.num_workers if runtime.executor == "ray" else 1
     steps_per_rank(total, workers, 1)  # InputError before any worker starts
+    storage_url = join(output, runtime.executor)
     if runtime.executor == "inline":
         saved, where = _fit_inline(job, runtime, join(storage_url, name), options)
     else:

@@ -154,11 +154,7 @@ def train_student(config: EvalConfig, command: str) -> dict[str, Any]:
     job = student_job(inputs, student, command)
     before = evaluate(job.model, job)
     model, summary = fit(
-        job,
-        config.runtime,
-        join(inputs.output, config.runtime.executor),
-        inputs.job_name(command),
-        inputs.options,
+        job, config.runtime, inputs.output, inputs.job_name(command), inputs.options
     )
     after = None
     if config.train.recalibrate is not None:  # the checkpoint holds the recalibrated model

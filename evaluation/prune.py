@@ -97,13 +97,7 @@ def run_prune(config: EvalConfig) -> dict[str, Any]:
         }
         if config.prune.epochs:
             name = inputs.job_name("prune", ratio)
-            tuned, summary = fit(
-                job,
-                config.runtime,
-                join(inputs.output, config.runtime.executor),
-                name,
-                inputs.options,
-            )
+            tuned, summary = fit(job, config.runtime, inputs.output, name, inputs.options)
             row.update(
                 accuracy_finetuned=summary["final"]["test_accuracy"],
                 best=summary["best"],

@@ -8,7 +8,6 @@ this process). Each worker streams its share of the shards
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tempfile
@@ -26,7 +25,6 @@ from evaluation.loader import ShardDataset, ShardRef
 from evaluation.views import blur, mix, recolour
 from pipeline.models.accuracy import classifier_accuracy
 
-log = logging.getLogger("dreamshard.evaluation")
 CHECKPOINT_FILE = "state.pt"
 
 
