@@ -23,6 +23,8 @@ Resumable per (row, variant, seed): results are written as each run finishes.
         --jpeg 75 --epochs 60 --seeds 2 [--jpeg-teacher stored]
     python benchmarks/kd_recipe.py --rows class-conditional-smooth@100 --mixup 1 --also jpeg=50 \
         --epochs 60 --seeds 2
+    python benchmarks/kd_recipe.py --rows class-conditional-smooth@100 --mixup "" --jpeg 50 \
+        --also alpha=1,temperature=4 --epochs 60 --seeds 2
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
 
 FIELDS = ("mixup", "colour", "blur", "jpeg")  # the KD views a variant can vary or add
+LOSS = ("alpha", "temperature")  # train.* settings of the KD loss that --also may change
 
 
 def holdout_folder(work: Path, per_class: int) -> Path:
@@ -65,6 +68,23 @@ def holdout_folder(work: Path, per_class: int) -> Path:
     return root
 
 
+def variant(
+    field: str, value: float, also: dict[str, float], jpeg_teacher: str
+) -> tuple[str, str, dict[str, Any], dict[str, float]]:
+    """A variant's key tag (``jpeg50+alpha1``), its short name in folders (``j50a1``), its
+    ``data.*`` settings and its ``train.*`` (KD loss) settings."""
+    views: dict[str, Any] = {k: v for k, v in also.items() if k in FIELDS}
+    views[field] = value
+    paired = "jpeg" in views and jpeg_teacher == "stored"
+    if paired:
+        views["jpeg_teacher"] = "stored"
+    added = sorted(also.items())
+    tag = f"{field}{value:g}" + "".join(f"+{k}{v:g}" for k, v in added)
+    short = f"{field[0]}{value:g}" + "".join(f"{k[0]}{v:g}" for k, v in added)
+    tag, short = (tag + "-stored", short + "s") if paired else (tag, short)
+    return tag, short, views, {k: v for k, v in also.items() if k in LOSS}
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="real,class-conditional")
@@ -81,8 +101,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--also",
         default="",
-        help="views every variant adds, as field=value pairs (--mixup 1 --also jpeg=50: "
-        "mixup on the JPEG view)",
+        help="views or KD-loss settings every variant adds, as field=value pairs (--mixup 1 "
+        "--also jpeg=50: mixup on the JPEG view; --jpeg 50 --also alpha=1: no hard-label term)",
     )
     parser.add_argument(
         "--jpeg-teacher",
@@ -116,10 +136,11 @@ def arguments() -> argparse.Namespace:
     also = {}
     for pair in (p for p in args.also.split(",") if p):
         field, _, value = pair.partition("=")
-        if field not in FIELDS or not value:
-            parser.error(f"--also takes field=value pairs of {', '.join(FIELDS)}: {pair!r}")
+        if field not in (*FIELDS, *LOSS) or not value:
+            valid = ", ".join((*FIELDS, *LOSS))
+            parser.error(f"--also takes field=value pairs of {valid}: {pair!r}")
         try:
-            also[field] = view_kind(field)(value)
+            also[field] = float(value) if field in LOSS else view_kind(field)(value)
         except ValueError:
             parser.error(f"--also {field} takes a number, got {value!r}")
     if any(field in also for field, _ in args.variants):
@@ -168,22 +189,15 @@ def main() -> None:
         for seed in range(args.seeds):
             for row in rows:
                 for field, value in args.variants:
-                    views = {**args.also, field: value}
-                    paired = "jpeg" in views and args.jpeg_teacher == "stored"
-                    added = sorted(args.also.items())
-                    tag = f"{field}{value:g}" + "".join(f"+{k}{v:g}" for k, v in added)
-                    tag += "-stored" if paired else ""
+                    tag, short, views, train = variant(field, value, args.also, args.jpeg_teacher)
                     key = f"{row}@{tag}{args.schedule}"
                     entry = record["runs"].setdefault(key, {"final": [], "best": [], "seconds": []})
                     if len(entry["final"]) > seed:
                         continue
-                    short = f"{field[0]}{value:g}" + "".join(f"{k[0]}{v:g}" for k, v in added)
-                    short += "s" if paired else ""
                     name = f"recipe-{row}-{short}{args.schedule}-s{seed}"
                     data = eval_data(str(run_folder(row, work)), args, name, seed, work / "eval")
                     data["data"].update({"test": str(holdout), **views})
-                    if paired:
-                        data["data"]["jpeg_teacher"] = "stored"
+                    data["train"].update(train)
                     started = time.perf_counter()
                     result = train_student(parse_eval_config(data), "kd")
                     entry["final"].append(result["final"]["test_accuracy"])

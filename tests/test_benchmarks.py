@@ -83,6 +83,39 @@ def test_another_kd_schedule_never_shares_the_ladders_students(
     assert data["runtime"]["executor"] == "inline"  # --executor reaches KD's runtime
 
 
+def test_a_kd_recipe_variant_keeps_its_key_and_sends_loss_settings_to_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    recipe = importlib.import_module("kd_recipe")
+    ladder = importlib.import_module("quality_ladder")
+    # keys of results already recorded stay the same
+    assert recipe.variant("mixup", 1.0, {"jpeg": 50}, "view")[:3] == (
+        "mixup1+jpeg50",
+        "m1j50",
+        {"jpeg": 50, "mixup": 1.0},
+    )
+    tag, short, views, train = recipe.variant("jpeg", 75, {}, "stored")
+    assert (tag, short, views, train) == (
+        "jpeg75-stored",
+        "j75s",
+        {"jpeg": 75, "jpeg_teacher": "stored"},
+        {},
+    )
+    tag, short, views, train = recipe.variant(
+        "jpeg", 50, {"alpha": 1.0, "temperature": 4.0}, "view"
+    )
+    assert (tag, short) == ("jpeg50+alpha1+temperature4", "j50a1t4")
+    assert views == {"jpeg": 50} and train == {"alpha": 1.0, "temperature": 4.0}
+    args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
+    args.gpu, args.views, args.executor = False, {}, "inline"
+    data = ladder.eval_data("run", args, "name", 0, tmp_path)
+    data["data"].update(views)
+    data["train"].update(train)
+    config = ladder.parse_eval_config(data)
+    assert config.train.alpha == 1.0 and config.train.temperature == 4.0 and config.data.jpeg == 50
+
+
 def test_granularity_pools_each_group_like_the_metadata_stage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
