@@ -336,6 +336,7 @@ def measure(
         "images": images,
         "accept_rate": round(accepted / images, 4),
         "judge_agreement": judge["accuracy_synthetic"],
+        "judge_agreement_per_class": judge["per_class_synthetic"],
         fd_name("resnet20"): round(judge[fd_name("resnet20")], 2),
         "precision": judge["precision"],
         "recall": judge["recall"],

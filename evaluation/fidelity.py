@@ -177,6 +177,10 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
                 "arch": net.arch,
                 "accuracy_synthetic": _accuracy(fake_logits, fake_labels),
                 "accuracy_real": _accuracy(real_logits, real_labels),
+                # which classes' images the network recognises (None: a class with no image)
+                "per_class_synthetic": dict(
+                    zip(inputs.classes, _per_class(fake_logits, fake_labels), strict=True)
+                ),
                 fd_name(net.arch): frechet_distance(fake_features, real_features),
                 **precision_recall(real_features.float(), fake_features.float(), config.fidelity.k),
                 "diversity_synthetic": diversity(fake_features, fake_labels),
@@ -198,3 +202,7 @@ def fd_name(arch: str) -> str:
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return accuracy(logits, labels, logits.shape[1])["accuracy"]
+
+
+def _per_class(logits: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
+    return accuracy(logits, labels, logits.shape[1])["per_class"]

@@ -84,6 +84,10 @@ def test_fidelity_command_reports_every_metric(
     for key in ("accuracy_synthetic", "accuracy_real", "precision", "recall"):
         assert 0.0 <= row[key] <= 1.0
     assert row["fd_resnet20"] > 0 and row["diversity_synthetic"] > 0
+    per_class = row["per_class_synthetic"]
+    assert list(per_class) == sorted(p.name for p in test.iterdir())  # the class names
+    # 5 images of each class: the classes' mean is the overall agreement
+    assert sum(per_class.values()) / 10 == pytest.approx(row["accuracy_synthetic"])
     assert not any("fid" in key for key in row)  # named by its features, never "FID"
     page = (output / "report.html").read_text()
     for name in re.findall(r"(?:src|href)='([^']+)'", page):
