@@ -171,15 +171,16 @@ def run_fidelity(config: EvalConfig) -> dict[str, Any]:
         net = network.config
         fake_logits, fake_features = logits_and_features(network.model, fake, net.mean, net.std)
         real_logits, real_features = logits_and_features(network.model, real, net.mean, net.std)
+        synthetic = accuracy(fake_logits, fake_labels, fake_logits.shape[1])
         rows.append(
             {
                 "network": name,
                 "arch": net.arch,
-                "accuracy_synthetic": _accuracy(fake_logits, fake_labels),
+                "accuracy_synthetic": synthetic["accuracy"],
                 "accuracy_real": _accuracy(real_logits, real_labels),
                 # which classes' images the network recognises (None: a class with no image)
                 "per_class_synthetic": dict(
-                    zip(inputs.classes, _per_class(fake_logits, fake_labels), strict=True)
+                    zip(inputs.classes, synthetic["per_class"], strict=True)
                 ),
                 fd_name(net.arch): frechet_distance(fake_features, real_features),
                 **precision_recall(real_features.float(), fake_features.float(), config.fidelity.k),
@@ -202,7 +203,3 @@ def fd_name(arch: str) -> str:
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return accuracy(logits, labels, logits.shape[1])["accuracy"]
-
-
-def _per_class(logits: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
-    return accuracy(logits, labels, logits.shape[1])["per_class"]
