@@ -64,6 +64,13 @@ def test_ladder_remeasures_only_a_row_it_has(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def ladder_args(views: dict[str, float]) -> argparse.Namespace:
+    """The arguments ``quality_ladder.eval_data`` reads: 60 epochs, inline KD, ``views``."""
+    args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
+    args.gpu, args.views, args.executor = False, views, "inline"
+    return args
+
+
 def test_another_kd_schedule_never_shares_the_ladders_students(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -76,9 +83,7 @@ def test_another_kd_schedule_never_shares_the_ladders_students(
     assert longer.parts[-3] == "class-conditional-i100-s1-e60"  # its own folder, own resume
     views = ladder.schedule_suffix(60, {"mixup": 1.0, "blur": 0.0})  # 0: off, not named
     assert views == "-e60-mixup1" and ladder.schedule_suffix(30, {"blur": 1.5}) == "-blur1.5"
-    args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
-    args.gpu, args.views, args.executor = False, {"mixup": 1.0}, "inline"
-    data = ladder.eval_data("run", args, "name", 0, tmp_path)
+    data = ladder.eval_data("run", ladder_args({"mixup": 1.0}), "name", 0, tmp_path)
     assert data["data"]["mixup"] == 1.0 and data["train"]["epochs"] == 60
     assert data["runtime"]["executor"] == "inline"  # --executor reaches KD's runtime
 
@@ -107,9 +112,7 @@ def test_a_kd_recipe_variant_keeps_its_key_and_sends_loss_settings_to_train(
     )
     assert (tag, short) == ("jpeg50+alpha1+temperature4", "j50a1t4")
     assert views == {"jpeg": 50} and train == {"alpha": 1.0, "temperature": 4.0}
-    args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
-    args.gpu, args.views, args.executor = False, {}, "inline"
-    data = ladder.eval_data("run", args, "name", 0, tmp_path)
+    data = ladder.eval_data("run", ladder_args({}), "name", 0, tmp_path)
     data["data"].update(views)
     data["train"].update(train)
     config = ladder.parse_eval_config(data)
