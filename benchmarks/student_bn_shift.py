@@ -30,6 +30,7 @@ training images of each class before that slice. No test image is read.
 
     python benchmarks/student_bn_shift.py [--rows real,class-conditional@100] [--colour 0.2,0.4]
         [--epochs 60 --ladder benchmarks/results/quality-ladder-e60.json]  # longer-KD students
+        [--jpeg 50 --ladder benchmarks/results/quality-ladder-e60-jpeg50.json]  # a KD view's
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ from kd_recipe import holdout_folder
 from quality_ladder import (
     EPOCHS,
     TRAIN,
+    VIEWS,
     load_student,
     recalibrated,
     run_folder,
     schedule_suffix,
     student_path,
     top1,
+    view_kind,
 )
 
 from evaluation.loader import load_all
@@ -142,6 +145,8 @@ def arguments() -> argparse.Namespace:
         "--colour", default="", help="comma-separated strengths: own images, recoloured"
     )
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="the students' KD schedule")
+    for view in VIEWS:  # the students' KD views, as the ladder's options name them
+        parser.add_argument(f"--{view}", type=view_kind(view), default=0, help=f"KD's data.{view}")
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--ladder", default="benchmarks/results/quality-ladder.json")
     parser.add_argument("--results", default="benchmarks/results/cpu-student-bn-shift.json")
@@ -150,6 +155,8 @@ def arguments() -> argparse.Namespace:
         args.colours = [float(v) for v in args.colour.split(",") if v]
     except ValueError:
         parser.error(f"--colour takes comma-separated numbers, got {args.colour!r}")
+    args.views = {view: getattr(args, view) for view in VIEWS if getattr(args, view)}
+    args.schedule = schedule_suffix(args.epochs, args.views)
     return args
 
 
@@ -205,7 +212,8 @@ def main() -> None:
             f"for the stem and first stage only; own-colourS: recomputed on its own images "
             f"recoloured at strength S (`data.colour`'s shifts, seed 0); balanced: as stored, "
             f"class logits shifted to equal mean probabilities over the held-out images. "
-            f"KD {args.epochs} epochs. Command: "
+            f"KD {args.epochs} epochs{''.join(f', data.{k}: {v}' for k, v in args.views.items())}. "
+            f"Command: "
             f"`python benchmarks/student_bn_shift.py {shlex.join(sys.argv[1:])}`."
         ),
         "colours": args.colours,
@@ -217,7 +225,7 @@ def main() -> None:
         own, _ = load_all(resolve_shards(f"{run}/shards"))
         seeds = []
         for seed in range(len(ladder[row]["kd_top1"])):
-            path = student_path(work, row, seed, schedule_suffix(args.epochs))
+            path = student_path(work, row, seed, args.schedule)
             seeds.append(score(path, own, real, held_out, args.colours))
         record["rows"][row] = {"ladder_kd": ladder[row]["kd_top1"], "seeds": seeds}
         print(row, seeds, flush=True)

@@ -166,6 +166,23 @@ def test_balancing_bias_undoes_a_class_prior_added_to_balanced_logits(
     assert (balanced + prior).argmax(1).tolist() != balanced.argmax(1).tolist()  # skewed
 
 
+def test_bn_shift_finds_the_students_of_a_kd_view_where_the_ladder_put_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The diagnostic takes the ladder's view options, so that it scores the students of
+    a view's recipe (``-e60-jpeg50``), not those of the plain recipe at the same epochs."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    shift = importlib.import_module("student_bn_shift")
+    ladder = importlib.import_module("quality_ladder")
+    monkeypatch.setattr(sys, "argv", ["student_bn_shift.py", "--epochs", "60", "--jpeg", "50"])
+    args = shift.arguments()
+    assert args.schedule == "-e60-jpeg50" == ladder.schedule_suffix(60, {"jpeg": 50})
+    folder = ladder.student_path(Path("w"), "real", 1, args.schedule)
+    assert "real-s1-e60-jpeg50" in folder.parts
+    monkeypatch.setattr(sys, "argv", ["student_bn_shift.py", "--epochs", "60"])
+    assert shift.arguments().schedule == "-e60"
+
+
 def test_bn_shift_recomputes_exact_statistics_of_the_chosen_layers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
