@@ -133,6 +133,18 @@ def view_kind(view: str) -> type:
     return type(DataConfig.__dataclass_fields__[view].default)
 
 
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """The KD views as options (``--jpeg 50``), typed by :func:`view_kind`; read them back
+    with :func:`chosen_views`."""
+    for view in VIEWS:
+        parser.add_argument(f"--{view}", type=view_kind(view), default=0, help=f"KD's data.{view}")
+
+
+def chosen_views(args: argparse.Namespace) -> dict[str, float]:
+    """The views :func:`add_view_options` parsed that are on (0 is off)."""
+    return {view: getattr(args, view) for view in VIEWS if getattr(args, view)}
+
+
 def schedule_suffix(epochs: int, views: dict[str, float] | None = None) -> str:
     """What a KD recipe other than the ladder's (another schedule; new views of the
     images, ``data.mixup``, ``data.blur`` or ``data.jpeg``) adds to a student's folder and key
@@ -502,8 +514,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=130, help="synthesis batch")
     parser.add_argument("--statistics-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    for view in VIEWS:
-        parser.add_argument(f"--{view}", type=view_kind(view), default=0, help=f"KD's data.{view}")
+    add_view_options(parser)
     parser.add_argument("--kd-batch", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
@@ -535,7 +546,7 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
-    args.views = {view: getattr(args, view) for view in VIEWS if getattr(args, view)}
+    args.views = chosen_views(args)
     args.schedule = schedule_suffix(args.epochs, args.views)
     if args.rows is None:
         args.rows = "" if args.remeasure else ",".join(ROWS)

@@ -51,14 +51,14 @@ from kd_recipe import holdout_folder
 from quality_ladder import (
     EPOCHS,
     TRAIN,
-    VIEWS,
+    add_view_options,
+    chosen_views,
     load_student,
     recalibrated,
     run_folder,
     schedule_suffix,
     student_path,
     top1,
-    view_kind,
 )
 
 from evaluation.loader import load_all
@@ -145,8 +145,7 @@ def arguments() -> argparse.Namespace:
         "--colour", default="", help="comma-separated strengths: own images, recoloured"
     )
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="the students' KD schedule")
-    for view in VIEWS:  # the students' KD views, as the ladder's options name them
-        parser.add_argument(f"--{view}", type=view_kind(view), default=0, help=f"KD's data.{view}")
+    add_view_options(parser)  # the students' KD views, as the ladder's options name them
     parser.add_argument("--work", default="outputs/quality-ladder")
     parser.add_argument("--ladder", default="benchmarks/results/quality-ladder.json")
     parser.add_argument("--results", default="benchmarks/results/cpu-student-bn-shift.json")
@@ -155,7 +154,7 @@ def arguments() -> argparse.Namespace:
         args.colours = [float(v) for v in args.colour.split(",") if v]
     except ValueError:
         parser.error(f"--colour takes comma-separated numbers, got {args.colour!r}")
-    args.views = {view: getattr(args, view) for view in VIEWS if getattr(args, view)}
+    args.views = chosen_views(args)
     args.schedule = schedule_suffix(args.epochs, args.views)
     return args
 
