@@ -48,7 +48,9 @@ from pipeline.errors import InputError
 from pipeline.io.images import open_image_folder
 
 FIELDS = ("mixup", "colour", "blur", "jpeg")  # the KD views a variant can vary or add
-LOSS = ("alpha", "temperature")  # train.* settings of the KD loss that --also may change
+LOSS = ("alpha", "temperature", "attention")  # train.* settings of the KD loss --also may set
+# a setting's letters in a run's folder name (the first letter, where that is unique)
+SHORT = {"attention": "at"}
 
 
 def holdout_folder(work: Path, per_class: int) -> Path:
@@ -80,7 +82,7 @@ def variant(
         views["jpeg_teacher"] = "stored"
     added = sorted(also.items())
     tag = f"{field}{value:g}" + "".join(f"+{k}{v:g}" for k, v in added)
-    short = f"{field[0]}{value:g}" + "".join(f"{k[0]}{v:g}" for k, v in added)
+    short = f"{field[0]}{value:g}" + "".join(f"{SHORT.get(k, k[0])}{v:g}" for k, v in added)
     tag, short = (tag + "-stored", short + "s") if paired else (tag, short)
     return tag, short, views, {k: v for k, v in also.items() if k in LOSS}
 

@@ -84,6 +84,9 @@ class StudentTrainConfig:
     gamma: float = 0.1
     temperature: float = 5.0  # Hinton KD temperature
     alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the hard-label term
+    # weight β of attention transfer (the teacher's spatial attention maps at every
+    # feature-map size both networks have; the paper's 1000); 0: off
+    attention: float = 0.0
     logits: str = "online"  # online (run the teacher) | stored (the shards' logits.npy)
     eval_every: int = 1  # epochs between test-set evaluations (the last epoch always is one)
     # after training, recompute the batch norms' statistics over the shards recoloured at
@@ -101,6 +104,8 @@ class StudentTrainConfig:
             raise ValueError(f"schedule must be cosine or step, got {self.schedule!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
             raise ValueError("alpha must be in [0, 1] and temperature positive")
+        if self.attention < 0:
+            raise ValueError(f"attention is a non-negative weight (0: off), got {self.attention}")
         if self.logits not in ("online", "stored"):
             raise ValueError(f"logits must be online or stored, got {self.logits!r}")
         if any(not 0 < m < 1 for m in self.milestones):

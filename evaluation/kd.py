@@ -51,6 +51,7 @@ def train_job(inputs: Inputs, model, alpha: float, teacher=None, **changes: Any)
         gamma=train.gamma,
         temperature=train.temperature,
         alpha=alpha,
+        attention=train.attention,
         stored_logits=False,
         shuffle_buffer=config.data.shuffle_buffer,
         loader_workers=config.data.loader_workers,
@@ -78,13 +79,14 @@ def uses_stored_logits(config: EvalConfig) -> bool:
     ``train.logits: stored`` and ``data.augment: true`` the teacher, which every
     evaluation loads anyway (from ``teacher`` or the run's manifest), is run on each
     augmented view, and ``logits.npy`` is not read; with ``data.augment: false`` the
-    stored logits are used and the teacher is not run during training. ``data.mixup``,
+    stored logits are used and the teacher is not run during training, unless
+    ``train.attention`` asks for the teacher's feature maps. ``data.mixup``,
     ``data.colour``, ``data.blur`` and ``data.jpeg`` make new images too, so they run the
     teacher like augmentation does. Either way a ``stored`` run needs ``logits.npy`` in
     every shard (checked before training).
     """
     new_views = config.data.augment or makes_new_images(config)
-    return config.train.logits == "stored" and not new_views
+    return config.train.logits == "stored" and not new_views and not config.train.attention
 
 
 def makes_new_images(config: EvalConfig) -> bool:
@@ -101,12 +103,17 @@ def kd_targets(config: EvalConfig, command: str) -> str:
     if uses_stored_logits(config):
         return "stored logits.npy (images unaugmented)"
     if config.data.jpeg and config.data.jpeg_teacher == "stored":
-        return "teacher run on each stored image (cropped and flipped), the student on its JPEG"
-    if makes_new_images(config):
-        return "teacher run on each mixed, recoloured, blurred or re-encoded view the student sees"
-    if config.train.logits == "stored":
-        return "teacher run on each augmented view (stored logits describe the unaugmented image)"
-    return "teacher run on each view the student sees"
+        taught = "teacher run on each stored image (cropped and flipped), the student on its JPEG"
+    elif makes_new_images(config):
+        taught = "teacher run on each mixed, recoloured, blurred or re-encoded view"
+        taught += " the student sees"
+    elif config.train.logits == "stored":
+        taught = "teacher run on each augmented view (stored logits describe the unaugmented image)"
+    else:
+        taught = "teacher run on each view the student sees"
+    if config.train.attention:
+        taught += f"; its attention maps too (weight {config.train.attention:g})"
+    return taught
 
 
 def student_job(inputs: Inputs, student, command: str) -> TrainJob:
@@ -114,7 +121,7 @@ def student_job(inputs: Inputs, student, command: str) -> TrainJob:
     ``scratch`` (hard labels)."""
     config = inputs.config
     if command != "kd":
-        return train_job(inputs, student, 0.0)
+        return train_job(inputs, student, 0.0, attention=0.0)
     stored = uses_stored_logits(config)
     teacher = None if stored else copy.deepcopy(inputs.teacher.model)
     return train_job(inputs, student, config.train.alpha, teacher, stored_logits=stored)

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from evaluation.attention import AttentionTransfer
 from evaluation.loader import ShardDataset, ShardRef
 from evaluation.views import blur, mix, recolour
 from pipeline.models.accuracy import classifier_accuracy
@@ -50,6 +52,7 @@ class TrainJob:
     gamma: float = 0.1
     temperature: float = 5.0
     alpha: float = 0.0  # 0: hard labels only
+    attention: float = 0.0  # attention transfer's weight β (0: off); needs the teacher
     stored_logits: bool = False
     shuffle_buffer: int = 1000
     loader_workers: int = 1
@@ -136,6 +139,13 @@ def run_loop(job: TrainJob, worker: Worker) -> None:
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])  # moves its state to the device
     teacher = job.teacher.to(device).eval() if job.teacher is not None else None
+    transfer = None
+    if job.attention:
+        if teacher is None:
+            raise ValueError("train.attention needs the teacher run on every batch")
+        plain = model.module if world > 1 else model
+        shape = (len(job.mean), job.image_size, job.image_size)
+        transfer = AttentionTransfer(plain, teacher, shape)
     per_worker = max(1, -(-job.batch_size // world))
     dataset = ShardDataset(
         job.shards,
@@ -160,7 +170,8 @@ def run_loop(job: TrainJob, worker: Worker) -> None:
         dataset.set_epoch(epoch)
         # batches of the planned sizes: the same step count on every rank, no sample dropped
         loader = DataLoader(dataset, batch_size=None, num_workers=job.loader_workers)
-        loss_sum, seen = _epoch(model, teacher, loader, optimizer, job, device, dataset.steps())
+        steps = dataset.steps()
+        loss_sum, seen = _epoch(model, teacher, loader, optimizer, job, device, steps, transfer)
         loss_sum, seen = _summed(loss_sum, seen, world, device)
         entry = {
             "epoch": epoch + 1,
@@ -192,31 +203,41 @@ def run_loop(job: TrainJob, worker: Worker) -> None:
             worker.report(metrics, folder if rank == 0 else None)
 
 
-def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int):
+def _epoch(model, teacher, loader, optimizer, job: TrainJob, device, steps: int, transfer=None):
     model.train()
     loss_sum, seen, taken = 0.0, 0, 0
-    for batch in loader:
-        taken += 1
-        images, labels = batch[0].to(device), batch[1].to(device)
-        images = blur(recolour(images, job.colour, job.mean, job.std), job.blur)
-        images, mixed = mix(images, labels, job.mixup)
-        if job.stored_logits:
-            targets = batch[2].to(device)
-        elif teacher is not None:
-            seen_by_teacher = batch[2].to(device) if len(batch) > 2 else images
-            with torch.no_grad():
-                targets = teacher(seen_by_teacher)
-        else:
-            targets = None
-        loss = kd_loss(model(images), targets, labels, job.temperature, job.alpha, mixed)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(labels)
-        seen += len(labels)
+    with transfer.tapped() if transfer is not None else nullcontext() as attention:
+        for batch in loader:
+            loss = _step(model, teacher, attention, batch, optimizer, job, device)
+            taken += 1
+            loss_sum += loss * len(batch[1])
+            seen += len(batch[1])
     if taken != steps:  # the other ranks would wait for this one forever
         raise RuntimeError(f"the loader yielded {taken} batches, {steps} were planned")
     return loss_sum, seen
+
+
+def _step(model, teacher, attention, batch, optimizer, job: TrainJob, device) -> float:
+    """One optimiser step on ``batch``; its mean loss. ``attention``: the attention-transfer
+    term of the step's forward passes (or None)."""
+    images, labels = batch[0].to(device), batch[1].to(device)
+    images = blur(recolour(images, job.colour, job.mean, job.std), job.blur)
+    images, mixed = mix(images, labels, job.mixup)
+    if job.stored_logits:
+        targets = batch[2].to(device)
+    elif teacher is not None:
+        seen_by_teacher = batch[2].to(device) if len(batch) > 2 else images
+        with torch.no_grad():
+            targets = teacher(seen_by_teacher)
+    else:
+        targets = None
+    loss = kd_loss(model(images), targets, labels, job.temperature, job.alpha, mixed)
+    if attention is not None:
+        loss = loss + job.attention * attention()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def _summed(loss_sum: float, seen: int, world: int, device: torch.device) -> tuple[float, int]:

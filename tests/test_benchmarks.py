@@ -117,6 +117,10 @@ def test_a_kd_recipe_variant_keeps_its_key_and_sends_loss_settings_to_train(
     data["train"].update(train)
     config = ladder.parse_eval_config(data)
     assert config.train.alpha == 1.0 and config.train.temperature == 4.0 and config.data.jpeg == 50
+    # attention's letters differ from alpha's, so their runs never share a folder
+    tag, short, _, train = recipe.variant("jpeg", 50, {"attention": 1000.0, "alpha": 1.0}, "view")
+    assert (tag, short) == ("jpeg50+alpha1+attention1000", "j50a1at1000")
+    assert train == {"attention": 1000.0, "alpha": 1.0}
 
 
 def test_granularity_pools_each_group_like_the_metadata_stage(
