@@ -1,5 +1,6 @@
 """KD, from-scratch and pruned fine-tuning under Ray Train (2 CPU workers, gloo), on tiny
-separable shards; a worker killed mid-run resumes from its checkpoint; bad input exits 2."""
+separable shards; a worker killed mid-run resumes from its checkpoint; bad input exits 2.
+What does not depend on where the loop runs (the report, plain shards) runs inline."""
 
 from __future__ import annotations
 
@@ -75,12 +76,13 @@ def linked_files(page: str) -> list[str]:
 
 
 def test_kd_on_stored_logits_beats_the_untrained_student_and_reports(
-    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, capsys
+    data, teacher_checkpoint: str, tmp_path: Path, capsys
 ) -> None:
     # the shards' logits.npy are the targets (the fixture teacher is untrained); the
     # batch norms are recomputed over the recoloured shards after training
     train = {"logits": "stored", "alpha": 0.5, "recalibrate": 0.2}
-    config = eval_config(tmp_path, data, teacher_checkpoint, train=train)
+    inline = {"executor": "inline"}  # the report is the same wherever the loop runs
+    config = eval_config(tmp_path, data, teacher_checkpoint, train=train, runtime=inline)
     assert main(["eval", "kd", str(config)]) == 0
     output = tmp_path / "eval" / "tiny" / "kd"
     report = json.loads((output / "report.json").read_text())
@@ -130,11 +132,12 @@ def test_uneven_shards_lose_no_sample_on_two_workers(
 
 
 def test_kd_on_plain_webdataset_shards_says_they_have_no_checksums(
-    ray_cluster, data, teacher_checkpoint: str, tmp_path: Path, caplog
+    data, teacher_checkpoint: str, tmp_path: Path, caplog
 ) -> None:
     # tars written by webdataset's TarWriter (png + cls), no sidecars, no manifest
     plain = write_plain_shards(tmp_path / "baseline", [12, 9])
-    config = eval_config(tmp_path, {"shards": plain, "test": data["test"]}, teacher_checkpoint)
+    files = {"shards": plain, "test": data["test"]}
+    config = eval_config(tmp_path, files, teacher_checkpoint, runtime={"executor": "inline"})
     assert main(["eval", "kd", str(config)]) == 0
     report = json.loads((tmp_path / "eval" / "tiny" / "kd" / "report.json").read_text())
     assert report["shards"]["count"] == 2 and report["shards"]["samples"] == 21
