@@ -134,10 +134,12 @@ def view_kind(view: str) -> type:
 
 
 def add_view_options(parser: argparse.ArgumentParser) -> None:
-    """The KD views as options (``--jpeg 50``), typed by :func:`view_kind`; read them back
-    with :func:`chosen_views`."""
+    """The KD views as options (``--jpeg 50``), typed by :func:`view_kind`, and the KD
+    loss's attention transfer (``--attention 1000``); read them back with
+    :func:`chosen_views` and :func:`chosen_loss`."""
     for view in VIEWS:
         parser.add_argument(f"--{view}", type=view_kind(view), default=0, help=f"KD's data.{view}")
+    parser.add_argument("--attention", type=float, default=0, help="KD's train.attention")
 
 
 def chosen_views(args: argparse.Namespace) -> dict[str, float]:
@@ -145,11 +147,16 @@ def chosen_views(args: argparse.Namespace) -> dict[str, float]:
     return {view: getattr(args, view) for view in VIEWS if getattr(args, view)}
 
 
+def chosen_loss(args: argparse.Namespace) -> dict[str, float]:
+    """The ``train.*`` KD settings :func:`add_view_options` parsed that are on."""
+    return {"attention": args.attention} if args.attention else {}
+
+
 def schedule_suffix(epochs: int, views: dict[str, float] | None = None) -> str:
     """What a KD recipe other than the ladder's (another schedule; new views of the
-    images, ``data.mixup``, ``data.blur`` or ``data.jpeg``) adds to a student's folder and key
-    (``-e60``, ``-e60-mixup1``), so that it never resumes or overwrites a student of
-    another recipe."""
+    images, ``data.mixup``, ``data.blur`` or ``data.jpeg``; ``train.attention``) adds to a
+    student's folder and key (``-e60``, ``-e60-mixup1``), so that it never resumes or
+    overwrites a student of another recipe."""
     suffix = "" if epochs == EPOCHS else f"-e{epochs}"
     return suffix + "".join(f"-{k}{v:g}" for k, v in sorted((views or {}).items()) if v)
 
@@ -314,6 +321,7 @@ def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Pat
             "epochs": args.epochs,
             "batch_size": args.kd_batch,
             "eval_every": args.eval_every,
+            **getattr(args, "loss", {}),
         },
         "fidelity": {"networks": [JUDGE], "max_images": args.images, "tsne": False},
         "runtime": {"executor": args.executor, "num_workers": args.workers, "use_gpu": args.gpu},
@@ -546,8 +554,8 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
-    args.views = chosen_views(args)
-    args.schedule = schedule_suffix(args.epochs, args.views)
+    args.views, args.loss = chosen_views(args), chosen_loss(args)
+    args.schedule = schedule_suffix(args.epochs, {**args.views, **args.loss})
     if args.rows is None:
         args.rows = "" if args.remeasure else ",".join(ROWS)
     args.rows = [r for r in args.rows.split(",") if r]
@@ -575,6 +583,7 @@ def main() -> None:
         "judge": "resnet20 (shared CIFAR-10 checkpoint, never trained by this project)",
         "epochs": args.epochs,
         **({"views": args.views} if args.views else {}),
+        **({"train": args.loss} if args.loss else {}),
         "batch_size": args.kd_batch,
         "eval_every": args.eval_every,
         "test_images": 10000,

@@ -52,6 +52,7 @@ from quality_ladder import (
     EPOCHS,
     TRAIN,
     add_view_options,
+    chosen_loss,
     chosen_views,
     load_student,
     recalibrated,
@@ -154,8 +155,8 @@ def arguments() -> argparse.Namespace:
         args.colours = [float(v) for v in args.colour.split(",") if v]
     except ValueError:
         parser.error(f"--colour takes comma-separated numbers, got {args.colour!r}")
-    args.views = chosen_views(args)
-    args.schedule = schedule_suffix(args.epochs, args.views)
+    args.views, args.loss = chosen_views(args), chosen_loss(args)
+    args.schedule = schedule_suffix(args.epochs, {**args.views, **args.loss})
     return args
 
 
@@ -211,7 +212,8 @@ def main() -> None:
             f"for the stem and first stage only; own-colourS: recomputed on its own images "
             f"recoloured at strength S (`data.colour`'s shifts, seed 0); balanced: as stored, "
             f"class logits shifted to equal mean probabilities over the held-out images. "
-            f"KD {args.epochs} epochs{''.join(f', data.{k}: {v}' for k, v in args.views.items())}. "
+            f"KD {args.epochs} epochs{''.join(f', data.{k}: {v}' for k, v in args.views.items())}"
+            f"{''.join(f', train.{k}: {v:g}' for k, v in args.loss.items())}. "
             f"Command: "
             f"`python benchmarks/student_bn_shift.py {shlex.join(sys.argv[1:])}`."
         ),

@@ -185,6 +185,15 @@ def test_bn_shift_finds_the_students_of_a_kd_view_where_the_ladder_put_them(
     assert "real-s1-e60-jpeg50" in folder.parts
     monkeypatch.setattr(sys, "argv", ["student_bn_shift.py", "--epochs", "60"])
     assert shift.arguments().schedule == "-e60"
+    # attention transfer is part of the recipe's key, and the ladder sends it to train
+    view = ["--epochs", "60", "--jpeg", "50", "--attention", "1000"]
+    monkeypatch.setattr(sys, "argv", ["student_bn_shift.py", *view])
+    assert shift.arguments().schedule == "-e60-attention1000-jpeg50"
+    monkeypatch.setattr(sys, "argv", ["quality_ladder.py", *view])
+    args = ladder.arguments()
+    assert args.schedule == "-e60-attention1000-jpeg50"
+    config = ladder.parse_eval_config(ladder.eval_data("run", args, "name", 0, Path("w")))
+    assert config.train.attention == 1000 and config.data.jpeg == 50
 
 
 def test_bn_shift_recomputes_exact_statistics_of_the_chosen_layers(
