@@ -40,13 +40,7 @@ class AttentionTransfer:
     def __init__(
         self, student: nn.Module, teacher: nn.Module, image_shape: tuple[int, int, int]
     ) -> None:
-        was_training = student.training
-        student.eval()  # the probing forward pass must not move the batch norms' statistics
-        try:
-            mine = {level.size: level.name for level in find_pyramid(student, image_shape)}
-        finally:
-            student.train(was_training)
-        theirs = {level.size: level.name for level in find_pyramid(teacher, image_shape)}
+        mine, theirs = _levels(student, image_shape), _levels(teacher, image_shape)
         sizes = [size for size in mine if size in theirs]  # shallowest first
         if not sizes:
             raise ValueError(
@@ -66,3 +60,15 @@ class AttentionTransfer:
             student = stack.enter_context(tap_outputs(self.student))
             teacher = stack.enter_context(tap_outputs(self.teacher))
             yield lambda: attention_loss(student, teacher)
+
+
+def _levels(network: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple[int, int], str]:
+    """Each feature-map size of ``network`` and the module that gives it, found by a probing
+    forward pass in eval mode (a batch of zeros must not move the batch norms' statistics);
+    the network is left in the mode it was in."""
+    was_training = network.training
+    network.eval()
+    try:
+        return {level.size: level.name for level in find_pyramid(network, image_shape)}
+    finally:
+        network.train(was_training)

@@ -37,14 +37,15 @@ def test_attention_loss_is_the_papers() -> None:
     assert attention_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_levels_pair_by_size_and_probing_leaves_the_students_statistics() -> None:
+def test_levels_pair_by_size_and_probing_leaves_the_batch_norm_statistics() -> None:
     torch.manual_seed(0)
     student, teacher = build_architecture("resnet20", 10), build_architecture("resnet32", 10)
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    transfer = AttentionTransfer(student, teacher.eval(), SHAPE)
+    before = [{k: v.clone() for k, v in n.state_dict().items()} for n in (student, teacher)]
+    transfer = AttentionTransfer(student, teacher, SHAPE)
     assert transfer.pairs == [(f"layer{i}", f"layer{i}") for i in (1, 2, 3)]
-    assert student.training  # left in the mode it was in
-    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    for network, kept in zip((student, teacher), before, strict=True):
+        assert network.training  # left in the mode it was in
+        assert all(torch.equal(kept[k], v) for k, v in network.state_dict().items())
     # a network whose maps share no size with the student's cannot be paired
     coarse = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=11), torch.nn.Flatten())
     with pytest.raises(ValueError, match="share no spatial size"):
