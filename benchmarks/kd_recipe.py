@@ -127,7 +127,7 @@ def arguments() -> argparse.Namespace:
     args = parser.parse_args()
     args.images = 10 * args.holdout  # eval_data's fidelity section (not run here)
     args.schedule = schedule_suffix(args.epochs)  # in names and keys
-    args.views = {}  # eval_data's; each variant sets its own field
+    args.views, args.loss = {}, {}  # eval_data's; each variant sets its own fields
     args.variants = []
     for field in FIELDS:
         text, kind = getattr(args, field), view_kind(field)

@@ -152,6 +152,13 @@ def chosen_loss(args: argparse.Namespace) -> dict[str, float]:
     return {"attention": args.attention} if args.attention else {}
 
 
+def choose_recipe(args: argparse.Namespace) -> None:
+    """``args.views``, ``args.loss`` and the recipe's key ``args.schedule`` from the options
+    of :func:`add_view_options` and ``--epochs``."""
+    args.views, args.loss = chosen_views(args), chosen_loss(args)
+    args.schedule = schedule_suffix(args.epochs, {**args.views, **args.loss})
+
+
 def schedule_suffix(epochs: int, views: dict[str, float] | None = None) -> str:
     """What a KD recipe other than the ladder's (another schedule; new views of the
     images, ``data.mixup``, ``data.blur`` or ``data.jpeg``; ``train.attention``) adds to a
@@ -321,7 +328,7 @@ def eval_data(run: str, args: argparse.Namespace, name: str, seed: int, out: Pat
             "epochs": args.epochs,
             "batch_size": args.kd_batch,
             "eval_every": args.eval_every,
-            **getattr(args, "loss", {}),
+            **args.loss,
         },
         "fidelity": {"networks": [JUDGE], "max_images": args.images, "tsne": False},
         "runtime": {"executor": args.executor, "num_workers": args.workers, "use_gpu": args.gpu},
@@ -554,8 +561,7 @@ def arguments() -> argparse.Namespace:
     if args.full:  # the papers' scale: a GPU cluster's job
         args.images, args.iterations, args.batch, args.epochs = 50000, 2000, 256, 200
         args.kd_batch, args.eval_every, args.statistics_per_class = 128, 10, 5000
-    args.views, args.loss = chosen_views(args), chosen_loss(args)
-    args.schedule = schedule_suffix(args.epochs, {**args.views, **args.loss})
+    choose_recipe(args)
     if args.rows is None:
         args.rows = "" if args.remeasure else ",".join(ROWS)
     args.rows = [r for r in args.rows.split(",") if r]

@@ -52,12 +52,10 @@ from quality_ladder import (
     EPOCHS,
     TRAIN,
     add_view_options,
-    chosen_loss,
-    chosen_views,
+    choose_recipe,
     load_student,
     recalibrated,
     run_folder,
-    schedule_suffix,
     student_path,
     top1,
 )
@@ -155,8 +153,7 @@ def arguments() -> argparse.Namespace:
         args.colours = [float(v) for v in args.colour.split(",") if v]
     except ValueError:
         parser.error(f"--colour takes comma-separated numbers, got {args.colour!r}")
-    args.views, args.loss = chosen_views(args), chosen_loss(args)
-    args.schedule = schedule_suffix(args.epochs, {**args.views, **args.loss})
+    choose_recipe(args)
     return args
 
 

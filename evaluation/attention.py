@@ -47,9 +47,10 @@ class AttentionTransfer:
                 f"train.attention: the student's feature maps ({sorted(mine)}) and the "
                 f"teacher's ({sorted(theirs)}) share no spatial size"
             )
-        modules = dict(student.named_modules()), dict(teacher.named_modules())
-        self.student = [modules[0][mine[size]] for size in sizes]
-        self.teacher = [modules[1][theirs[size]] for size in sizes]
+        student_modules = dict(student.named_modules())
+        teacher_modules = dict(teacher.named_modules())
+        self.student = [student_modules[mine[size]] for size in sizes]
+        self.teacher = [teacher_modules[theirs[size]] for size in sizes]
         self.pairs = [(mine[size], theirs[size]) for size in sizes]
 
     @contextmanager

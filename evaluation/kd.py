@@ -105,8 +105,9 @@ def kd_targets(config: EvalConfig, command: str) -> str:
     if config.data.jpeg and config.data.jpeg_teacher == "stored":
         taught = "teacher run on each stored image (cropped and flipped), the student on its JPEG"
     elif makes_new_images(config):
-        taught = "teacher run on each mixed, recoloured, blurred or re-encoded view"
-        taught += " the student sees"
+        taught = (
+            "teacher run on each mixed, recoloured, blurred or re-encoded view the student sees"
+        )
     elif config.train.logits == "stored":
         taught = "teacher run on each augmented view (stored logits describe the unaugmented image)"
     else:

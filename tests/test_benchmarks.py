@@ -67,7 +67,7 @@ def test_ladder_remeasures_only_a_row_it_has(tmp_path: Path) -> None:
 def ladder_args(views: dict[str, float]) -> argparse.Namespace:
     """The arguments ``quality_ladder.eval_data`` reads: 60 epochs, inline KD, ``views``."""
     args = argparse.Namespace(epochs=60, kd_batch=64, eval_every=10, images=20, workers=2)
-    args.gpu, args.views, args.executor = False, views, "inline"
+    args.gpu, args.views, args.loss, args.executor = False, views, {}, "inline"
     return args
 
 
